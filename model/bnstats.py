@@ -1,0 +1,183 @@
+"""BatchNorm-statistic drift maths: per-image moments from BN inputs, window statistics and KL scores.
+
+For BN layer ℓ with reference mean μ_r and variance σ²_r (its running buffers), a window of live inputs has
+mean μ_l and unbiased variance σ²_l. Per channel:
+
+    d  = (μ_l − μ_r) / sqrt(σ²_r + eps)                 standardised mean shift
+    r  = log((σ²_l + eps) / (σ²_r + eps))               log variance ratio
+    KL = ½ (e^r + d² − 1 − r) = KL(N(μ_l, σ²_l) ‖ N(μ_r, σ²_r))
+
+and the layer's drift score is the mean KL over channels. Moments are accumulated *centred on μ_r*, in float64:
+live data sits near the reference, so Σ(x − μ_r)² does not cancel catastrophically the way Σx² − (Σx)²/n can
+when a channel has a large mean and a tiny variance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.net import bn_layers
+
+
+@dataclass(frozen=True)
+class LayerReference:
+    """What "normal" looks like for one BN layer: its running statistics and eps."""
+
+    name: str
+    mean: np.ndarray  # (C,) float64
+    var: np.ndarray  # (C,) float64
+    eps: float
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+
+def layer_references(net: nn.Module) -> dict[str, LayerReference]:
+    """The reference statistics of every BN layer of a network, in forward order."""
+    refs = {}
+    for name, bn in bn_layers(net).items():
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"BN layer {name} tracks no running statistics; drift needs them")
+        refs[name] = LayerReference(
+            name=name,
+            mean=bn.running_mean.detach().double().cpu().numpy().copy(),
+            var=bn.running_var.detach().double().cpu().numpy().copy(),
+            eps=float(bn.eps),
+        )
+    return refs
+
+
+@dataclass
+class Moments:
+    """Per-image moments of one layer's input: Σ(x − μ_r) and Σ(x − μ_r)² per channel, and elements per image."""
+
+    s1: np.ndarray  # (N, C) float64
+    s2: np.ndarray  # (N, C) float64
+    per_image: int  # elements per channel per image: H·W, or 1 for (N, C) inputs
+
+    @staticmethod
+    def concat(parts: list[Moments]) -> Moments:
+        return Moments(np.concatenate([p.s1 for p in parts]), np.concatenate([p.s2 for p in parts]), parts[0].per_image)
+
+
+def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor) -> Moments:
+    """Moments of a BN input x shaped (N, C) or (N, C, H, W), centred on the reference mean (C,)."""
+    if x.dim() not in (2, 4):
+        raise ValueError(f"BN input must be (N, C) or (N, C, H, W), got shape {tuple(x.shape)}")
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    centred = x.detach().double() - ref_mean.double().view(shape)
+    dims = tuple(range(2, x.dim()))
+    if dims:
+        s1, s2 = centred.sum(dims), centred.square().sum(dims)
+    else:
+        s1, s2 = centred, centred.square()
+    per_image = int(np.prod(x.shape[2:])) if dims else 1
+    return Moments(s1.cpu().numpy(), s2.cpu().numpy(), per_image)
+
+
+class BnStatsRecorder:
+    """Forward pre-hooks on every BN layer that record per-image input moments during a normal forward pass.
+
+    One forward pass at a time per recorder (the service has a single inference thread).
+
+    >>> recorder = BnStatsRecorder(net)
+    >>> with recorder.capture() as moments:
+    ...     logits = net(x)
+    >>> moments["features.0.1"].s1.shape   # (N, C)
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        self.references = layer_references(net)
+        self._ref_means = {n: torch.from_numpy(r.mean) for n, r in self.references.items()}
+        self._pending: dict[str, Moments] | None = None
+        self._handles = [bn.register_forward_pre_hook(self._hook_for(name)) for name, bn in bn_layers(net).items()]
+
+    def _hook_for(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if self._pending is not None:
+                self._pending[name] = per_image_moments(args[0], self._ref_means[name])
+
+        return hook
+
+    @contextmanager
+    def capture(self) -> Iterator[dict[str, Moments]]:
+        """Record the moments of every BN layer for the forward passes run inside the block."""
+        captured: dict[str, Moments] = {}
+        self._pending = captured
+        try:
+            yield captured
+        finally:
+            self._pending = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@dataclass(frozen=True)
+class LayerDrift:
+    """Drift of one layer's window against its reference; arrays are per channel."""
+
+    d: np.ndarray
+    r: np.ndarray
+    kl: np.ndarray
+
+    @property
+    def score(self) -> float:
+        return float(self.kl.mean())
+
+    @property
+    def mean_shift_rms(self) -> float:
+        return float(np.sqrt(np.mean(self.d**2)))
+
+    @property
+    def log_var_ratio_mean_abs(self) -> float:
+        return float(np.mean(np.abs(self.r)))
+
+    def top_channels(self, k: int) -> list[dict[str, float | int]]:
+        order = np.argsort(-self.kl)[:k]
+        return [
+            {
+                "channel": int(c),
+                "kl": float(self.kl[c]),
+                "mean_shift": float(self.d[c]),
+                "log_var_ratio": float(self.r[c]),
+            }
+            for c in order
+        ]
+
+
+def drift_from_sums(s1: np.ndarray, s2: np.ndarray, n: np.ndarray | float, ref: LayerReference) -> LayerDrift:
+    """Per-channel drift from window sums centred on μ_r; s1, s2 are (..., C) and n the elements per channel.
+
+    Leading dimensions broadcast, so one call scores many windows at once.
+    """
+    n = np.asarray(n, dtype=np.float64)[..., None] if np.ndim(n) else float(n)
+    shift = s1 / n  # μ_l − μ_r
+    var_l = np.maximum(s2 - s1 * shift, 0.0) / np.maximum(np.asarray(n) - 1.0, 1.0)  # unbiased, like running_var
+    ref_var = ref.var + ref.eps
+    d = shift / np.sqrt(ref_var)
+    r = np.log((var_l + ref.eps) / ref_var)
+    kl = 0.5 * (np.expm1(r) + d**2 - r)  # ½(e^r − 1 − r + d²); expm1 keeps tiny r accurate
+    return LayerDrift(d=d, r=r, kl=kl)
+
+
+def window_scores(
+    moments: dict[str, Moments], references: dict[str, LayerReference], windows: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Drift score of each layer for each window; windows is (K, W) image indices → {layer: (K,) scores}."""
+    scores = {}
+    for name, m in moments.items():
+        s1 = m.s1[windows].sum(axis=1)  # (K, C)
+        s2 = m.s2[windows].sum(axis=1)
+        n = windows.shape[1] * m.per_image
+        scores[name] = drift_from_sums(s1, s2, n, references[name]).kl.mean(axis=-1)
+    return scores
