@@ -52,10 +52,10 @@ def to_image_batch(pixels: np.ndarray, *, field: str = "instances") -> np.ndarra
     elif pixels.ndim == 4 and pixels.shape[1:] == (1, IMAGE_SIDE, IMAGE_SIDE):
         batch = pixels
     else:
-        shape = "×".join(str(s) for s in pixels.shape[1:]) or "scalar"
+        shape = "×".join(str(s) for s in pixels.shape[1:]) or "a scalar"
         raise PixelError(
             f"each instance must be {IMAGE_PIXELS} numbers or {IMAGE_SIDE}×{IMAGE_SIDE} nested lists, got {shape}",
-            (field,),
+            (field, 0),
         )
     if batch.shape[0] == 0:
         raise PixelError("at least one instance is required", (field,))

@@ -1,0 +1,45 @@
+"""FastAPI dependencies: the app's serving state, request bodies with limits, and admin authentication."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.errors import ApiError
+from service.state import ServingState
+
+
+def get_state(request: Request) -> ServingState:
+    state: ServingState = request.app.state.serving
+    return state
+
+
+StateDep = Annotated[ServingState, Depends(get_state)]
+
+
+async def json_body(request: Request) -> bytes:
+    """The raw body of a JSON request; 415 for any other content type (the size limit is in middleware)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        shown = content_type[:60] or "none"
+        raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, got {shown}")
+    return await request.body()
+
+
+JsonBody = Annotated[bytes, Depends(json_body)]
+
+
+def require_admin(request: Request, state: StateDep) -> None:
+    """Bearer-token check, in constant time. Without a configured token admin routes do not exist (404)."""
+    token = state.settings.admin_token
+    if token is None:
+        raise ApiError(404, "not_found", "admin routes are disabled: set BNSERVE_ADMIN_TOKEN to enable them")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    expected = token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        raise ApiError(401, "unauthorized", "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+AdminDep = Depends(require_admin)

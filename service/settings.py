@@ -1,0 +1,57 @@
+"""Service configuration: one typed settings class, read from BNSERVE_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Built explicitly by `create_app(Settings(...))`, never at import time.
+
+    >>> Settings(artifact_dir=Path("artifacts/mnist-bn"), max_batch_size=32)
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BNSERVE_", extra="forbid", frozen=True)
+
+    artifact_dir: Path = Field(Path("artifacts/mnist-bn"), description="artifact directory to serve")
+    host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+
+    # Request limits.
+    max_instances: int = Field(64, ge=1, description="most images in one request")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    max_image_files: int = Field(16, ge=1, description="most files in one image upload")
+    max_image_pixels: int = Field(4_000_000, ge=784, description="decompression-bomb guard per image")
+
+    # Micro-batching.
+    max_batch_size: int = Field(64, ge=1, description="most images in one forward pass")
+    max_batch_delay: float = Field(0.0, ge=0.0, le=1.0, description="seconds to wait for a fuller batch (0: never)")
+    max_queue_images: int = Field(2048, ge=1, description="queued images beyond this get 503 + Retry-After")
+    request_timeout: float = Field(5.0, gt=0.0, le=300.0, description="seconds before a queued request gets 504")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+
+    # Drift monitoring.
+    drift_enabled: bool = True
+    drift_window: int = Field(256, ge=16, le=65536, description="images in the drift window")
+    drift_top_channels: int = Field(5, ge=0, le=64)
+
+    # Admin: routes are disabled (404) unless a token is set.
+    admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin/* and /v1/drift/reset")
+    reload_poll_seconds: float = Field(0.0, ge=0.0, description="watch the artifact and reload on change; 0: off")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_strength(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("admin_token must be at least 16 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_instances > self.max_queue_images:
+            raise ValueError("max_instances must be <= max_queue_images, or a full request could never queue")
+        return self

@@ -1,0 +1,36 @@
+"""Optional file watch: reload the model when the artifact's model.json changes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from model.artifact import META_FILE
+from service.errors import ApiError
+from service.state import ServingState
+
+logger = logging.getLogger("service.watch")
+
+
+def _stamp(state: ServingState) -> tuple[int, int] | None:
+    try:
+        st = (state.settings.artifact_dir / META_FILE).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+async def watch_artifact(state: ServingState) -> None:
+    """Poll the artifact's metadata; on a change, reload (a failed reload keeps the current model)."""
+    last = _stamp(state)
+    while True:
+        await asyncio.sleep(state.settings.reload_poll_seconds)
+        stamp = _stamp(state)
+        if stamp is None or stamp == last:
+            continue
+        last = stamp
+        logger.info("artifact changed on disk, reloading")
+        try:
+            await state.reload()
+        except ApiError as exc:
+            logger.error("%s", exc.message)
