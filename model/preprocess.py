@@ -59,8 +59,7 @@ def to_image_batch(pixels: np.ndarray, *, field: str = "instances") -> np.ndarra
         )
     if batch.shape[0] == 0:
         raise PixelError("at least one instance is required", (field,))
-    batch = np.ascontiguousarray(batch, dtype=np.float32)
-    flat = batch.reshape(batch.shape[0], -1)
+    flat = batch.reshape(batch.shape[0], -1)  # checked in the caller's dtype: 1e300 is out of range, not Infinity
     bad = ~np.isfinite(flat).all(axis=1)
     if bad.any():
         i = int(np.argmax(bad))
@@ -70,7 +69,7 @@ def to_image_batch(pixels: np.ndarray, *, field: str = "instances") -> np.ndarra
         i = int(np.argmax(bad))
         j = int(np.argmax((flat[i] < 0.0) | (flat[i] > 1.0)))
         raise PixelError(f"pixel values must be in [0, 1]; found {float(flat[i, j]):g} at pixel {j}", (field, i))
-    return batch
+    return np.ascontiguousarray(batch, dtype=np.float32)
 
 
 def uint8_to_unit(images: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=30,

@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
@@ -95,12 +94,14 @@ class MetricsMiddleware:
 
 
 def _route_template(scope: Scope) -> str:
+    """The matched route's template; for requests answered before routing (413, 404), the path if it is a
+    documented static route, else "unmatched" (so random paths cannot inflate label cardinality)."""
     route = scope.get("route")
     if route is not None and hasattr(route, "path"):
         return str(route.path)
     app = scope.get("app")
-    for candidate in getattr(getattr(app, "router", None), "routes", []):
-        match, _ = candidate.matches(scope)
-        if match == Match.FULL:
-            return str(candidate.path)
-    return "unmatched"
+    static: frozenset[str] | None = getattr(app, "_bnserve_static_paths", None) if app is not None else None
+    if static is None and app is not None and hasattr(app, "openapi"):
+        static = frozenset(p for p in app.openapi().get("paths", {}) if "{" not in p)
+        app._bnserve_static_paths = static
+    return scope["path"] if static and scope["path"] in static else "unmatched"

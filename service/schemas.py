@@ -74,7 +74,7 @@ def parse_predict_body(body: bytes, *, max_instances: int) -> np.ndarray:
             loc=["instances"],
         )  # fmt: skip
     try:
-        pixels = np.array(data, dtype=np.float32)
+        pixels = np.array(data, dtype=np.float64)  # range-checked before the cast to float32
     except ValueError:
         raise _ragged(data) from None
     try:

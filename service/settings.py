@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    access_log: bool = Field(True, description="one log line per request (method, path, status; never bodies)")
 
     # Request limits.
     max_instances: int = Field(64, ge=1, description="most images in one request")

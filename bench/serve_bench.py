@@ -1,0 +1,221 @@
+"""Serving benchmark: bnserve (drift on/off) against a naive FastAPI server and the HTTP ceiling, one run, ratios.
+
+    python -m bench.serve_bench [--artifact artifacts/mnist-bn] [--duration 10] [--concurrency 1,8,32,128]
+
+Each server is started here on a free loopback port, warmed up, loaded with wrk (or bench/loadgen.py when wrk is
+missing) with a real MNIST test image as the body, and stopped. Results go to bench/results/serve_bench.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+@dataclass
+class Run:
+    server: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+    rss_before_mb: float
+    rss_after_mb: float
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_commands(port: int) -> dict[str, tuple[list[str], dict[str, str]]]:
+    py = sys.executable
+    uv = [py, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
+    bn = {"BNSERVE_PORT": str(port), "BNSERVE_HOST": "127.0.0.1", "BNSERVE_ACCESS_LOG": "false", "BNSERVE_LOG_LEVEL": "warning"}
+    return {
+        "bnserve": ([py, "-m", "service"], {**bn, "BNSERVE_DRIFT_ENABLED": "true"}),
+        "bnserve-nodrift": ([py, "-m", "service"], {**bn, "BNSERVE_DRIFT_ENABLED": "false"}),
+        "naive": ([*uv, "bench.naive_server:app"], {}),
+        "ceiling": ([*uv, "--loop", "uvloop", "--http", "httptools", "bench.ceiling_server:app"], {}),
+    }
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    body = json.dumps({"instances": [[0.0] * 784]})
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            r = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=2)
+            if r.status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready in {timeout} s")
+
+
+_WRK_LUA = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*all")
+f:close()
+"""
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if m is None:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)]
+
+
+def load(url: str, body_path: Path, connections: int, duration: float, workdir: Path) -> dict[str, float]:
+    """Drive load from a separate process: wrk when installed, else the async fallback."""
+    if shutil.which("wrk"):
+        script = workdir / "post.lua"
+        script.write_text(_WRK_LUA.format(body=body_path))
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s", "--latency", "-s", str(script), url],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+        return {
+            "requests": total, "errors": errors,
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+            "p50_ms": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+            "p99_ms": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+        }  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", url, str(body_path), "--connections", str(connections), "--duration", str(duration)],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    ).stdout  # fmt: skip
+    return dict(json.loads(out))
+
+
+def bench_server(name: str, artifact: Path, body: Path, levels: list[int], duration: float, work: Path) -> list[Run]:
+    port = free_port()
+    cmd, extra = server_commands(port)[name]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BNSERVE_")}
+    env.update(extra, BNSERVE_ARTIFACT_DIR=str(artifact), PYTHONPATH=str(REPO))
+    url = f"http://127.0.0.1:{port}/v1/predict"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = []
+    try:
+        wait_ready(url, proc)
+        load(url, body, 8, 2.0, work)  # warm-up: lazy init, allocator pools, JIT-free but caches
+        rss_start = rss_mb(proc.pid)
+        for c in levels:
+            before = rss_mb(proc.pid)
+            r = load(url, body, c, duration, work)
+            runs.append(Run(name, c, r["rps"], r["p50_ms"], r["p99_ms"], int(r["errors"]), int(r["requests"]), before, rss_mb(proc.pid)))
+            print(f"  {name:16s} c={c:<4d} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {int(r['errors'])}", flush=True)
+        print(f"  {name}: RSS {rss_start:.0f} MB after warm-up → {rss_mb(proc.pid):.0f} MB after the run", flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return runs
+
+
+def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
+    by = {(r.server, r.concurrency): r for r in runs}
+    out: dict[str, dict[int, float]] = {"bnserve/naive rps": {}, "bnserve/ceiling rps": {}, "drift on/off rps": {}, "bnserve/naive p50": {}}
+    for c in sorted({r.concurrency for r in runs}):
+        bn, naive, ceil, off = (by.get((s, c)) for s in ("bnserve", "naive", "ceiling", "bnserve-nodrift"))
+        if bn and naive:
+            out["bnserve/naive rps"][c] = bn.rps / naive.rps
+            out["bnserve/naive p50"][c] = bn.p50_ms / naive.p50_ms
+        if bn and ceil:
+            out["bnserve/ceiling rps"][c] = bn.rps / ceil.rps
+        if bn and off:
+            out["drift on/off rps"][c] = bn.rps / off.rps
+    return out
+
+
+def markdown(runs: list[Run], rat: dict[str, dict[int, float]], meta: dict[str, object]) -> str:
+    lines = [
+        f"Measured {meta['date']} on {meta['cpus']} CPUs, load from {meta['loader']}, {meta['duration']} s per level, "
+        "body: one real MNIST test image (784 floats).",
+        "",
+        "| server | conc. | req/s | p50 ms | p99 ms | errors | RSS before → after (MB) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in runs:
+        lines.append(f"| {r.server} | {r.concurrency} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {r.rss_before_mb:.0f} → {r.rss_after_mb:.0f} |")
+    levels = sorted({r.concurrency for r in runs})
+    lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---:|" * len(levels)]
+    for name, row in rat.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f}" if c in row else "–" for c in levels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", type=Path, default=REPO / "artifacts" / "mnist-bn")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
+    p.add_argument("--concurrency", default="1,8,32,128")
+    p.add_argument("--servers", default="bnserve,bnserve-nodrift,naive,ceiling")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    levels = [int(c) for c in a.concurrency.split(",")]
+    from training.data import default_cache_dir, load_mnist
+
+    image = load_mnist(default_cache_dir()).test_x[0].astype(np.float32) / 255.0
+    a.out.mkdir(parents=True, exist_ok=True)
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        body = work / "body.json"
+        body.write_text(json.dumps({"instances": [[round(float(v), 6) for v in image.reshape(-1)]]}))
+        for name in a.servers.split(","):
+            print(f"{name}:", flush=True)
+            runs += bench_server(name, a.artifact.resolve(), body, levels, a.duration, work)
+    rat = ratios(runs)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "duration": a.duration,
+        "loader": "wrk -t1" if shutil.which("wrk") else "bench/loadgen.py (httpx)",
+    }  # fmt: skip
+    md = markdown(runs, rat, meta)
+    (a.out / "serve_bench.md").write_text(md)
+    (a.out / "serve_bench.json").write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs], "ratios": rat}, indent=2))
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

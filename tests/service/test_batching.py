@@ -1,0 +1,168 @@
+"""The micro-batcher, driven directly with no HTTP."""
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from service.batching import BatcherClosedError, DeadlineExceededError, MicroBatcher, QueueFullError
+
+
+class Recorder:
+    """A real infer function that records the batches it was given (and can be slowed or made to fail)."""
+
+    def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, payloads: list[int]) -> Sequence[int]:
+        self.gate.wait(10)
+        self.batches.append(list(payloads))
+        time.sleep(self.delay)
+        if self.fail_on is not None and self.fail_on in payloads:
+            raise ValueError(f"bad payload {self.fail_on}")
+        return [p * 10 for p in payloads]
+
+
+class Events:
+    def __init__(self) -> None:
+        self.rejections: list[str] = []
+        self.sizes: list[int] = []
+
+    def queued(self, images: int) -> None: ...
+    def batch_started(self, images: int, waits: Sequence[float]) -> None:
+        self.sizes.append(images)
+
+    def batch_finished(self, seconds: float) -> None: ...
+    def rejected(self, reason: str) -> None:
+        self.rejections.append(reason)
+
+
+async def test_concurrent_submits_become_one_batch_in_order() -> None:
+    infer = Recorder()
+    infer.gate.clear()  # hold the worker so all submits queue up behind the first batch
+    batcher = MicroBatcher(infer, max_batch_size=64)
+    batcher.start()
+    first = asyncio.create_task(batcher.submit(-1, size=1, timeout=5))
+    await asyncio.sleep(0.05)
+    tasks = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in range(20)]
+    await asyncio.sleep(0.05)
+    infer.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert await first == -10
+    assert results == [i * 10 for i in range(20)], "each caller gets its own result"
+    assert infer.batches == [[-1], list(range(20))], "the 20 queued requests ran as one batch, in queue order"
+    await batcher.stop()
+
+
+async def test_no_added_latency_when_idle() -> None:
+    batcher = MicroBatcher(Recorder(), max_batch_size=64, max_batch_delay=0.0)
+    batcher.start()
+    started = time.perf_counter()
+    assert await batcher.submit(3, size=1, timeout=5) == 30
+    assert time.perf_counter() - started < 0.5
+    await batcher.stop()
+
+
+async def test_batch_size_limit_counts_images() -> None:
+    infer = Recorder()
+    infer.gate.clear()
+    events = Events()
+    batcher = MicroBatcher(infer, max_batch_size=8, max_queue=100, observer=events)
+    batcher.start()
+    tasks = [asyncio.create_task(batcher.submit(i, size=3, timeout=5)) for i in range(6)]
+    await asyncio.sleep(0.05)
+    infer.gate.set()
+    await asyncio.gather(*tasks)
+    assert all(size <= 8 for size in events.sizes)
+    assert [len(b) for b in infer.batches] == [2, 2, 2], "3 + 3 images fit in 8; a third request would not"
+    assert events.sizes == [6, 6, 6]
+    await batcher.stop()
+
+
+async def test_error_spreads_to_the_whole_batch() -> None:
+    infer = Recorder(fail_on=2)
+    infer.gate.clear()
+    batcher = MicroBatcher(infer, max_batch_size=64)
+    batcher.start()
+    blocker = asyncio.create_task(batcher.submit(100, size=1, timeout=5))
+    await asyncio.sleep(0.05)
+    tasks = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in range(4)]
+    await asyncio.sleep(0.05)
+    infer.gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert await blocker == 1000
+    assert all(isinstance(r, ValueError) and "bad payload 2" in str(r) for r in results)
+    assert await batcher.submit(7, size=1, timeout=5) == 70, "the worker survives a failed batch"
+    await batcher.stop()
+
+
+async def test_full_queue_rejects() -> None:
+    infer = Recorder()
+    infer.gate.clear()
+    events = Events()
+    batcher = MicroBatcher(infer, max_batch_size=2, max_queue=4, observer=events)
+    batcher.start()
+    running = asyncio.create_task(batcher.submit(0, size=2, timeout=5))
+    await asyncio.sleep(0.05)  # the worker holds this one; the queue is empty again
+    queued = [asyncio.create_task(batcher.submit(i, size=2, timeout=5)) for i in (1, 2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(QueueFullError, match="full"):
+        await batcher.submit(3, size=1, timeout=5)
+    assert events.rejections == ["queue_full"]
+    infer.gate.set()
+    assert await running == 0 and await asyncio.gather(*queued) == [10, 20]
+    await batcher.stop()
+
+
+async def test_deadline_expires_and_the_request_is_skipped() -> None:
+    infer = Recorder()
+    infer.gate.clear()
+    events = Events()
+    batcher = MicroBatcher(infer, max_batch_size=1, observer=events)
+    batcher.start()
+    slow = asyncio.create_task(batcher.submit(1, size=1, timeout=5))
+    await asyncio.sleep(0.05)
+    with pytest.raises(DeadlineExceededError):
+        await batcher.submit(2, size=1, timeout=0.1)
+    infer.gate.set()
+    assert await slow == 10
+    await batcher.stop()
+    assert events.rejections == ["deadline"]
+    assert [2] not in infer.batches, "an expired request never reaches the model"
+
+
+async def test_shutdown_drains_what_was_accepted() -> None:
+    infer = Recorder(delay=0.02)
+    batcher = MicroBatcher(infer, max_batch_size=2)
+    batcher.start()
+    tasks = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in range(10)]
+    await asyncio.sleep(0)  # let them all queue
+    await batcher.stop()
+    assert await asyncio.gather(*tasks) == [i * 10 for i in range(10)]
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit(99, size=1, timeout=1)
+
+
+async def test_max_batch_delay_waits_for_a_fuller_batch() -> None:
+    infer = Recorder()
+    batcher = MicroBatcher(infer, max_batch_size=4, max_batch_delay=0.2)
+    batcher.start()
+    first = asyncio.create_task(batcher.submit(1, size=1, timeout=5))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(batcher.submit(2, size=1, timeout=5))
+    assert await asyncio.gather(first, second) == [10, 20]
+    assert infer.batches == [[1, 2]]
+    await batcher.stop()
+
+
+def test_constructor_validates() -> None:
+    with pytest.raises(ValueError, match="max_batch_size must be > 0"):
+        MicroBatcher(Recorder(), max_batch_size=0)
+    with pytest.raises(ValueError, match="max_queue"):
+        MicroBatcher(Recorder(), max_batch_size=8, max_queue=4)
