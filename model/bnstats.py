@@ -72,7 +72,7 @@ def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor) -> Moments:
     if x.dim() not in (2, 4):
         raise ValueError(f"BN input must be (N, C) or (N, C, H, W), got shape {tuple(x.shape)}")
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    centred = x.detach().double() - ref_mean.double().view(shape)
+    centred = x.detach().double() - ref_mean.to(x.device, torch.float64).view(shape)
     dims = tuple(range(2, x.dim()))
     if dims:
         s1, s2 = centred.sum(dims), centred.square().sum(dims)

@@ -64,8 +64,8 @@ class DriftReport:
         return {
             "status": self.status, "window": self.window, "window_images": self.images,
             "images_seen": self.images_seen,
-            "model": {"statistic": self.model_statistic, "threshold": self.model_threshold,
-                      "definition": "max over layers of score / threshold"},
+            "whole_model": {"statistic": self.model_statistic, "threshold": self.model_threshold,
+                            "definition": "max over layers of score / threshold"},
             "layers": [layer.to_dict() for layer in self.layers],
         }  # fmt: skip
 
@@ -74,8 +74,8 @@ class DriftMonitor:
     """Keeps the last `window` images' per-layer moments in rings and scores them against the BN references.
 
     Memory is fixed at 2 · window · Σ channels float64 values, whatever the traffic. `update` is called by the
-    inference thread after each forward pass; `report` by anyone. Both take one lock, and the heavy part of a
-    report (sums over the ring) runs on a copy outside it.
+    inference thread after each forward pass; `report` by anyone. Both take one lock; a report sums the ring inside it
+    (2 · W · C adds per layer) and does the KL and top-channel work outside.
 
     >>> monitor = DriftMonitor(recorder.references, artifact.calibration, window=256)
     >>> with recorder.capture() as moments:

@@ -38,14 +38,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--arch", choices=ARCHS, default="bn-cnn", help="bn-cnn, or the seed document's MLP")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=8, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=128, help="images per optimiser step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW decoupled weight decay")
+    p.add_argument("--label-smoothing", type=float, default=0.05, help="cross-entropy label smoothing")
     p.add_argument("--max-shift", type=int, default=2, help="random translation augmentation, in pixels")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--seed", type=int, default=1, help="seed for weights, shuffling and augmentation")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: CUDA, then MPS, then CPU"
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
     p.add_argument("--out", type=Path, default=Path("artifacts/mnist-bn"), help="artifact directory")
     p.add_argument("--name", default="mnist-bn", help="model name recorded in the artifact")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.artifact import META_FILE, WEIGHTS_FILE, ArtifactError, load_artifact, save_artifact
-from model.net import NetConfig, build_net, bn_layers
+from model.net import NetConfig, bn_layers, build_net
 from model.preprocess import Normalization
 
 
@@ -91,7 +91,7 @@ def test_mismatched_metadata_is_refused(saved: tuple[Path, torch.nn.Module], edi
 
 
 def test_missing_files_give_clear_errors(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match="no model.json"):
+    with pytest.raises(ArtifactError, match=r"no model\.json"):
         load_artifact(tmp_path / "nowhere")
     path, _ = saved
     (path / WEIGHTS_FILE).unlink()

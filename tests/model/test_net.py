@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.net import NetConfig, build_net, bn_layers
+from model.net import NetConfig, bn_layers, build_net
 
 
 @pytest.mark.parametrize("batch", [1, 5])
