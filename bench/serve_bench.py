@@ -52,7 +52,12 @@ def free_port() -> int:
 def server_commands(port: int) -> dict[str, tuple[list[str], dict[str, str]]]:
     py = sys.executable
     uv = [py, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
-    bn = {"BNSERVE_PORT": str(port), "BNSERVE_HOST": "127.0.0.1", "BNSERVE_ACCESS_LOG": "false", "BNSERVE_LOG_LEVEL": "warning"}
+    bn = {
+        "BNSERVE_PORT": str(port),
+        "BNSERVE_HOST": "127.0.0.1",
+        "BNSERVE_ACCESS_LOG": "false",
+        "BNSERVE_LOG_LEVEL": "warning",
+    }
     return {
         "bnserve": ([py, "-m", "service"], {**bn, "BNSERVE_DRIFT_ENABLED": "true"}),
         "bnserve-nodrift": ([py, "-m", "service"], {**bn, "BNSERVE_DRIFT_ENABLED": "false"}),
@@ -140,8 +145,23 @@ def bench_server(name: str, artifact: Path, body: Path, levels: list[int], durat
         for c in levels:
             before = rss_mb(proc.pid)
             r = load(url, body, c, duration, work)
-            runs.append(Run(name, c, r["rps"], r["p50_ms"], r["p99_ms"], int(r["errors"]), int(r["requests"]), before, rss_mb(proc.pid)))
-            print(f"  {name:16s} c={c:<4d} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {int(r['errors'])}", flush=True)
+            runs.append(
+                Run(
+                    name,
+                    c,
+                    r["rps"],
+                    r["p50_ms"],
+                    r["p99_ms"],
+                    int(r["errors"]),
+                    int(r["requests"]),
+                    before,
+                    rss_mb(proc.pid),
+                )
+            )
+            print(
+                f"  {name:16s} c={c:<4d} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {int(r['errors'])}",
+                flush=True,
+            )
         print(f"  {name}: RSS {rss_start:.0f} MB after warm-up → {rss_mb(proc.pid):.0f} MB after the run", flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -154,7 +174,12 @@ def bench_server(name: str, artifact: Path, body: Path, levels: list[int], durat
 
 def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
     by = {(r.server, r.concurrency): r for r in runs}
-    out: dict[str, dict[int, float]] = {"bnserve/naive rps": {}, "bnserve/ceiling rps": {}, "drift on/off rps": {}, "bnserve/naive p50": {}}
+    out: dict[str, dict[int, float]] = {
+        "bnserve/naive rps": {},
+        "bnserve/ceiling rps": {},
+        "drift on/off rps": {},
+        "bnserve/naive p50": {},
+    }
     for c in sorted({r.concurrency for r in runs}):
         bn, naive, ceil, off = (by.get((s, c)) for s in ("bnserve", "naive", "ceiling", "bnserve-nodrift"))
         if bn and naive:
@@ -176,7 +201,9 @@ def markdown(runs: list[Run], rat: dict[str, dict[int, float]], meta: dict[str, 
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
-        lines.append(f"| {r.server} | {r.concurrency} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {r.rss_before_mb:.0f} → {r.rss_after_mb:.0f} |")
+        lines.append(
+            f"| {r.server} | {r.concurrency} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {r.rss_before_mb:.0f} → {r.rss_after_mb:.0f} |"
+        )
     levels = sorted({r.concurrency for r in runs})
     lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---:|" * len(levels)]
     for name, row in rat.items():
@@ -212,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     md = markdown(runs, rat, meta)
     (a.out / "serve_bench.md").write_text(md)
-    (a.out / "serve_bench.json").write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs], "ratios": rat}, indent=2))
+    (a.out / "serve_bench.json").write_text(
+        json.dumps({"meta": meta, "runs": [asdict(r) for r in runs], "ratios": rat}, indent=2)
+    )
     print("\n" + md)
     return 0
 

@@ -35,7 +35,9 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.wait_ready = wait_ready
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BNSERVE_")}
-        self.env.update({"BNSERVE_ARTIFACT_DIR": str(artifact_dir), "BNSERVE_PORT": str(self.port), "BNSERVE_HOST": "127.0.0.1"})
+        self.env.update(
+            {"BNSERVE_ARTIFACT_DIR": str(artifact_dir), "BNSERVE_PORT": str(self.port), "BNSERVE_HOST": "127.0.0.1"}
+        )
         self.env.update({f"BNSERVE_{k.upper()}": str(v) for k, v in settings.items()})
         self.env.setdefault("PYTHONPATH", str(REPO))
         self.proc: subprocess.Popen[bytes] | None = None
