@@ -66,14 +66,15 @@ def sums_of(x: np.ndarray, ref: LayerReference) -> tuple[np.ndarray, np.ndarray,
     return m.s1.sum(axis=0), m.s2.sum(axis=0), x.shape[0] * m.per_image
 
 
-def assert_drift_equal(got, want: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:  # type: ignore[no-untyped-def]
+def assert_drift_equal(got, want: tuple[np.ndarray, np.ndarray, np.ndarray], rtol: float = 1e-9) -> None:  # type: ignore[no-untyped-def]
     d, r, kl = want
-    np.testing.assert_allclose(got.d, d, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(got.r, r, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(got.kl, kl, rtol=1e-9, atol=1e-15)
-    assert got.score == pytest.approx(kl.mean(), rel=1e-9)
-    assert got.mean_shift_rms == pytest.approx(np.sqrt(np.mean(d**2)), rel=1e-9)
-    assert got.log_var_ratio_mean_abs == pytest.approx(np.mean(np.abs(r)), rel=1e-9)
+    atol = 1e-12 if rtol <= 1e-9 else 1e-8
+    np.testing.assert_allclose(got.d, d, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(got.r, r, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(got.kl, kl, rtol=rtol, atol=atol * 1e-3)
+    assert got.score == pytest.approx(kl.mean(), rel=rtol)
+    assert got.mean_shift_rms == pytest.approx(np.sqrt(np.mean(d**2)), rel=rtol)
+    assert got.log_var_ratio_mean_abs == pytest.approx(np.mean(np.abs(r)), rel=rtol)
 
 
 SHAPES = [(300, 7), (40, 5, 6, 6)]
@@ -203,10 +204,11 @@ def test_recorder_moments_match_raw_bn_inputs_of_a_real_net() -> None:
         assert m.s1.shape == (50, ref.channels)
         assert m.per_image == int(np.prod(x.shape[2:]))
         centred = np.moveaxis(x, 1, -1).reshape(50, -1, ref.channels) - ref.mean
-        np.testing.assert_allclose(m.s1, centred.sum(axis=1), rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(m.s2, (centred**2).sum(axis=1), rtol=1e-9, atol=1e-9)
+        # A real net's activations are float32: the per-image reduction runs in float32 (relative error ~1e-7).
+        np.testing.assert_allclose(m.s1, centred.sum(axis=1), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(m.s2, (centred**2).sum(axis=1), rtol=1e-5, atol=1e-4)
         got = drift_from_sums(m.s1.sum(axis=0), m.s2.sum(axis=0), 50 * m.per_image, ref)
-        assert_drift_equal(got, reference_drift(x, ref.mean, ref.var, ref.eps))
+        assert_drift_equal(got, reference_drift(x, ref.mean, ref.var, ref.eps), rtol=1e-5)
         assert got.score > 0.0
 
 

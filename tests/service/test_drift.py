@@ -80,7 +80,11 @@ def push(monitor: DriftMonitor, raw: dict[str, np.ndarray], sizes: list[int]) ->
 
 
 def assert_report_matches(
-    report: DriftReport, monitor: DriftMonitor, window_raw: dict[str, np.ndarray], refs: dict[str, LayerReference]
+    report: DriftReport,
+    monitor: DriftMonitor,
+    window_raw: dict[str, np.ndarray],
+    refs: dict[str, LayerReference],
+    rtol: float = 1e-9,
 ) -> None:
     """Every number in the report equals the reference computed on exactly these raw window inputs."""
     w = monitor.window
@@ -94,21 +98,25 @@ def assert_report_matches(
         assert x.shape[0] == w
         d, r, kl = reference_drift(x, ref.mean, ref.var, ref.eps)
         assert layer.images == w
-        assert layer.score == pytest.approx(kl.mean(), rel=1e-9)
-        assert layer.mean_shift_rms == pytest.approx(np.sqrt(np.mean(d**2)), rel=1e-9)
-        assert layer.log_var_ratio_mean_abs == pytest.approx(np.mean(np.abs(r)), rel=1e-9)
+        assert layer.score == pytest.approx(kl.mean(), rel=rtol)
+        assert layer.mean_shift_rms == pytest.approx(np.sqrt(np.mean(d**2)), rel=rtol)
+        assert layer.log_var_ratio_mean_abs == pytest.approx(np.mean(np.abs(r)), rel=rtol)
         assert layer.threshold == pytest.approx(monitor.calibration.layer_threshold(layer.name, w), rel=1e-12)
         assert layer.ratio == pytest.approx(layer.score / layer.threshold, rel=1e-12)
         assert layer.status == ("drift" if layer.score > layer.threshold else "ok")
         top = layer.top_channels
         assert len(top) == min(monitor.top_channels, ref.channels)
-        assert [t["channel"] for t in top] == list(np.argsort(-kl)[: len(top)])
+        kth = np.sort(kl)[::-1][len(top) - 1] if top else 0.0
+        if rtol <= 1e-9:
+            assert [t["channel"] for t in top] == list(np.argsort(-kl)[: len(top)])
+        else:  # float32 activations: near-ties may swap, but the channels must be the top ones
+            assert all(kl[int(t["channel"])] >= kth * (1 - 1e-4) for t in top)
         assert [t["kl"] for t in top] == sorted((t["kl"] for t in top), reverse=True)
         for t in top:
             c = int(t["channel"])
-            assert t["kl"] == pytest.approx(kl[c], rel=1e-9)
-            assert t["mean_shift"] == pytest.approx(d[c], rel=1e-9, abs=1e-12)
-            assert t["log_var_ratio"] == pytest.approx(r[c], rel=1e-9, abs=1e-12)
+            assert t["kl"] == pytest.approx(kl[c], rel=rtol)
+            assert t["mean_shift"] == pytest.approx(d[c], rel=rtol, abs=1e-12 if rtol <= 1e-9 else 1e-8)
+            assert t["log_var_ratio"] == pytest.approx(r[c], rel=rtol, abs=1e-12 if rtol <= 1e-9 else 1e-8)
         ratios.append(layer.ratio)
     assert report.model_statistic == pytest.approx(max(ratios), rel=1e-12)
     assert report.model_threshold == pytest.approx(monitor.calibration.model_threshold(w), rel=1e-12)
@@ -186,7 +194,7 @@ def test_monitor_fed_by_a_real_net_matches_reference_on_raw_bn_inputs() -> None:
     assert window_raw["head.2"].ndim == 2
     report = monitor.report()
     assert report.images_seen == 70
-    assert_report_matches(report, monitor, window_raw, recorder.references)
+    assert_report_matches(report, monitor, window_raw, recorder.references, rtol=1e-5)  # float32 activations
 
 
 # --- states ---
