@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.routes import health, v1
+from service.routes import health, v1, v2
 from service.settings import Settings
 from service.state import ServingState
 from service.watch import watch_artifact
@@ -57,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(v1.router)
+    app.include_router(v2.router)
     upload_limit = max(settings.max_body_bytes, settings.max_image_files * 8 * 1024 * 1024)
     app.add_middleware(
         BodyLimitMiddleware,
