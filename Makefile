@@ -11,7 +11,7 @@ PORT ?= 8000
 # Packages from Debian that tests need (a real Prometheus server and promtool; wrk for the benchmark).
 APT_PACKAGES ?= prometheus wrk
 
-.PHONY: help venv data train run test test-fast lint typecheck bench bench-soak drift-eval system-deps docker-e2e clean
+.PHONY: help venv data train run test test-fast lint typecheck bench bench-soak drift-eval system-deps docker-standins docker-build docker-e2e clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -71,6 +71,12 @@ bench-soak: venv $(ARTIFACT)/model.json  ## 100k mixed requests, RSS over time
 
 drift-eval: venv $(ARTIFACT)/model.json  ## drift-detection power vs BBSD (Failing Loudly protocol)
 	$(PY) -m bench.drift_eval --artifact $(ARTIFACT)
+
+docker-standins:  ## (root) install docker.io, start dockerd, build local python/prometheus stand-in images
+	deploy/docker/build-standins.sh
+
+docker-build:  ## build bnserve:latest with this host's pip settings and local torch wheel
+	deploy/docker/build-image.sh bnserve:latest
 
 docker-e2e: venv  ## build stand-in base images, the project image, and run the compose stack end to end
 	$(PY) -m pytest -q tests/e2e/test_compose.py
