@@ -106,7 +106,7 @@ def calibrate(
     references: dict[str, LayerReference],
     *,
     window_sizes: Sequence[int] = CALIBRATION_WINDOWS,
-    windows_per_size: int = 500,
+    windows_per_size: int = 5000,
     quantile: float = 0.99,
     seed: int = 0,
 ) -> Calibration:

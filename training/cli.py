@@ -56,7 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data-dir", type=Path, default=None, help="MNIST cache directory (default: $BNSERVE_DATA_DIR or ./data)"
     )
     p.add_argument("--idx-dir", type=Path, default=None, help="directory holding standard MNIST IDX files")
-    p.add_argument("--calibration-windows", type=int, default=500, help="random clean windows per window size")
+    p.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=5000,
+        help="random clean windows per window size (and again for the model threshold)",
+    )
     p.add_argument("--quantile", type=float, default=0.99, help="threshold quantile: false-alarm rate = 1 - q")
     p.add_argument("--smoke", action="store_true", help="tiny, fast run on a subset, for tests")
     args = p.parse_args(argv)
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.use_deterministic_algorithms(True)  # same seed, same thread count → same weights
     if args.smoke:
         args.epochs = min(args.epochs, 2)
-        args.calibration_windows = 200
+        args.calibration_windows = min(args.calibration_windows, 1000)
     try:
         splits = load_mnist(args.data_dir or default_cache_dir(), args.idx_dir)
     except DataUnavailableError as exc:
