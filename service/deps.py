@@ -11,7 +11,8 @@ from service.errors import ApiError
 from service.state import ServingState
 
 
-def get_state(request: Request) -> ServingState:
+async def get_state(request: Request) -> ServingState:
+    # async on purpose: FastAPI runs a sync dependency in its threadpool, a thread hop on every request.
     state: ServingState = request.app.state.serving
     return state
 
@@ -31,7 +32,7 @@ async def json_body(request: Request) -> bytes:
 JsonBody = Annotated[bytes, Depends(json_body)]
 
 
-def require_admin(request: Request, state: StateDep) -> None:
+async def require_admin(request: Request, state: StateDep) -> None:
     """Bearer-token check, in constant time. Without a configured token admin routes do not exist (404)."""
     token = state.settings.admin_token
     if token is None:

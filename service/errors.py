@@ -42,7 +42,7 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
-        self.loc = list(loc)
+        self.loc = [_short(part) for part in loc]
         self.headers = dict(headers or {})
 
 
@@ -58,9 +58,14 @@ def error_response(
 def format_loc(loc: Sequence[str | int]) -> str:
     """("instances", 3, 17) → "instances[3][17]"."""
     out = ""
-    for part in loc:
+    for part in map(_short, loc):
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+def _short(part: str | int, limit: int = 40) -> str | int:
+    """A location part cut short: keys are the client's, and a megabyte key must not come back twice."""
+    return part[: limit - 3] + "..." if isinstance(part, str) and len(part) > limit else part
 
 
 _STATUS_CODES = {

@@ -49,17 +49,31 @@ class BodyLimitMiddleware:
                     return
                 break
         received = 0
+        # A body counts as unread until its last chunk arrives; GETs and empty bodies have none to read.
+        body_unread = any(
+            name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+            for name, value in scope["headers"]
+        )
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_unread
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLargeError(limit)
+                body_unread = message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def close_if_unread(message: Message) -> None:
+            # An answer given before the body is read (413, 415, 401, a bad multipart header) closes the connection:
+            # otherwise the server would keep reading, and discarding, whatever the client still sends.
+            if message["type"] == "http.response.start" and body_unread:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, limited_receive, close_if_unread)
 
 
 class MetricsMiddleware:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from model.preprocess import PixelError, to_image_batch
 from service.errors import ApiError, format_loc
 
+_NESTED = re.compile(rb'"instances"\s*:\s*\[\s*\[\s*\[')
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 EXAMPLE_PIXELS: Any = [0.0] * 784  # a blank image; a real digit is in the README
 
@@ -24,6 +26,14 @@ class _NestedRequest(BaseModel):
     instances: list[list[list[float]]]
 
 
+# Documentation only (the parser above checks the same): sizes and ranges are declared so that a schema-valid
+# request is an acceptable one, as a schema-driven client or fuzzer assumes.
+_Pixel = Annotated[float, Field(ge=0.0, le=1.0)]
+_Row = Annotated[list[_Pixel], Field(min_length=28, max_length=28)]
+_FlatImage = Annotated[list[_Pixel], Field(min_length=784, max_length=784)]
+_NestedImage = Annotated[list[_Row], Field(min_length=28, max_length=28)]
+
+
 class PredictRequest(BaseModel):
     """A batch of images: each 784 numbers (row-major) or 28×28 nested lists, pixel values in [0, 1]."""
 
@@ -31,8 +41,8 @@ class PredictRequest(BaseModel):
         extra="forbid",
         json_schema_extra={"examples": [{"instances": [EXAMPLE_PIXELS]}]},
     )
-    instances: list[list[float]] | list[list[list[float]]] = Field(
-        min_length=1, description="images: 784 numbers each, or 28 rows of 28 numbers; 0 = black, 1 = white ink"
+    instances: Annotated[list[_FlatImage], Field(min_length=1)] | Annotated[list[_NestedImage], Field(min_length=1)] = (
+        Field(description="images: 784 numbers each, or 28 rows of 28 numbers; 0 = black, 1 = white ink")
     )
 
 
@@ -53,19 +63,31 @@ class PredictResponse(BaseModel):
     predictions: list[ClassPrediction]
 
 
+class ImagePrediction(ClassPrediction):
+    filename: str = Field(description="the uploaded file's name, as sent")
+
+
+class ImagePredictResponse(BaseModel):
+    model: ModelRef
+    predictions: list[ImagePrediction] = Field(description="one per uploaded file, in upload order")
+
+
 def parse_predict_body(body: bytes, *, max_instances: int) -> np.ndarray:
     """JSON bytes → validated (N, 1, 28, 28) float32, or an ApiError that names the problem and where it is.
 
     Parsing and type checking happen in pydantic-core (Rust) with strict types: no Python float per pixel is
     checked by hand, booleans and numeric strings are refused, and NaN/Infinity are refused.
     """
+    # Try the layout the body evidently uses first: a failed strict parse of 28 rows builds 28+ error objects.
+    first, second = (_NestedRequest, _FlatRequest) if _NESTED.search(body, 0, 256) else (_FlatRequest, _NestedRequest)
     try:
-        data: list[Any] = _FlatRequest.model_validate_json(body).instances
-    except ValidationError as flat_error:
+        data: list[Any] = first.model_validate_json(body).instances
+    except ValidationError as first_error:
         try:
-            data = _NestedRequest.model_validate_json(body).instances
-        except ValidationError as nested_error:
-            raise _explain(flat_error, nested_error) from None
+            data = second.model_validate_json(body).instances
+        except ValidationError as second_error:
+            flat, nested = (first_error, second_error) if first is _FlatRequest else (second_error, first_error)
+            raise _explain(flat, nested) from None
     if not data:
         raise ApiError(422, "invalid_input", "instances: at least one instance is required", loc=["instances"])
     if len(data) > max_instances:
@@ -84,10 +106,11 @@ def parse_predict_body(body: bytes, *, max_instances: int) -> np.ndarray:
 
 
 def _explain(flat: ValidationError, nested: ValidationError) -> ApiError:
-    """Report the errors of the layout the client evidently meant (flat rows or 28×28 nesting)."""
-    flat_errors = flat.errors(include_url=False)
-    meant_nested = any(e["type"] == "float_type" and isinstance(e.get("input"), list) for e in flat_errors)
-    errors = nested.errors(include_url=False) if meant_nested else flat_errors
+    """Report the errors of the layout the client evidently meant (flat rows or 28×28 nesting): the one under which
+    more leading instances are valid, then the one with fewer errors. So a stray array in a flat row, or a flat
+    instance after nested ones, is blamed where it is, not on every other instance."""
+    flat_errors, nested_errors = flat.errors(include_url=False), nested.errors(include_url=False)
+    errors = min((flat_errors, nested_errors), key=lambda errs: (-_first_bad_instance(errs), len(errs)))
     first = errors[0]
     loc = [p for p in first["loc"] if isinstance(p, str | int)]
     if first["type"] == "json_invalid":
@@ -102,6 +125,12 @@ def _explain(flat: ValidationError, nested: ValidationError) -> ApiError:
     return ApiError(422, "invalid_input", f"{where}: {msg}{more}", loc=loc)
 
 
+def _first_bad_instance(errors: list[Any]) -> int:
+    """The index of the first instance with an error; -1 when an error is outside the instances."""
+    found = [e["loc"][1] if e["loc"][:1] == ("instances",) and len(e["loc"]) > 1 else -1 for e in errors]
+    return min((i if isinstance(i, int) else -1 for i in found), default=-1)
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"boolean {str(value).lower()}"
@@ -111,7 +140,8 @@ def _describe(value: Any) -> str:
         return "null"
     if isinstance(value, list | dict):
         return type(value).__name__.replace("dict", "object").replace("list", "array")
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."  # 1e400 written as 401 digits comes back short
 
 
 def _ragged(data: list[Any]) -> ApiError:

@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     max_batch_delay: float = Field(0.0, ge=0.0, le=1.0, description="seconds to wait for a fuller batch (0: never)")
     max_queue_images: int = Field(2048, ge=1, description="queued images beyond this get 503 + Retry-After")
     request_timeout: float = Field(5.0, gt=0.0, le=300.0, description="seconds before a queued request gets 504")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads; 0 = half the cores (the rest serve HTTP), at least 1"
+    )
 
     # Drift monitoring.
     drift_enabled: bool = True

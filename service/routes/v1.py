@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from model.image import ImageError, preprocess_image_bytes
@@ -15,7 +16,7 @@ from service.deps import AdminDep, JsonBody, StateDep
 from service.errors import ERROR_SCHEMA, ApiError
 from service.predictor import Prediction, Predictor
 from service.responses import OrjsonResponse
-from service.schemas import PredictRequest, PredictResponse, parse_predict_body
+from service.schemas import ImagePredictResponse, PredictRequest, PredictResponse, parse_predict_body
 
 router = APIRouter(prefix="/v1")
 
@@ -76,7 +77,7 @@ _IMAGE_SCHEMA = {
 @router.post(
     "/predict/image",
     tags=["predict"],
-    response_model=PredictResponse,
+    response_model=ImagePredictResponse,
     response_class=OrjsonResponse,
     responses=_errors(400, 413, 415, 422, 503, 504),
     openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _IMAGE_SCHEMA}}}},
@@ -89,7 +90,11 @@ async def predict_image(request: Request, state: StateDep) -> OrjsonResponse:
     try:
         form = await request.form(max_files=s.max_image_files, max_fields=8)
     except MultiPartException as exc:
-        raise ApiError(400, "bad_multipart", f"malformed multipart body: {exc.message}") from None
+        raise ApiError(400, "bad_multipart", f"multipart body refused: {exc.message}") from None
+    except StarletteHTTPException as exc:  # how Starlette re-raises a MultiPartException; a 413 passes through
+        if exc.status_code != 400:
+            raise
+        raise ApiError(400, "bad_multipart", f"multipart body refused: {exc.detail}") from None
     try:
         uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         if not uploads:
