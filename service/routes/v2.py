@@ -95,7 +95,9 @@ class InferenceRequest(BaseModel):
     model_config = ConfigDict(**_STRICT, json_schema_extra={"examples": [_EXAMPLE]})
     id: str | None = None
     parameters: Parameters = Field(default_factory=dict)
-    inputs: list[RequestInput]
+    inputs: list[RequestInput] = Field(
+        description='exactly one tensor, named "input"', json_schema_extra={"minItems": 1, "maxItems": 1}
+    )
     outputs: list[RequestOutput] | None = None
 
 
