@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 
 import numpy as np
 import torch
@@ -79,8 +81,8 @@ class ServingState:
 
     def _build_predictor(self) -> Predictor:
         s = self.settings
-        if s.torch_threads:
-            torch.set_num_threads(s.torch_threads)
+        # On a shared box, spinning OpenMP workers on every core starve the event loop: measured in bench/README.md.
+        torch.set_num_threads(s.torch_threads or max(1, (os.cpu_count() or 2) // 2))
         window = s.drift_window if s.drift_enabled else None
         predictor = Predictor.load(s.artifact_dir, drift_window=window, top_channels=s.drift_top_channels)
         predictor.warmup()
@@ -94,6 +96,8 @@ class ServingState:
             logger.error("could not load the model: %s", exc)
             return
         self.load_error = None
+        gc.collect()
+        gc.freeze()  # the model's long-lived objects leave the GC's scans, shortening pauses on the request path
         logger.info(
             "serving %s version %s (sha256 %s…)",
             self.predictor.name,
