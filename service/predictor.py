@@ -64,7 +64,10 @@ class Predictor:
         """A forward pass on a blank and a random image must give finite probabilities that sum to 1."""
         x = np.zeros((2, 1, 28, 28), np.float32)
         x[1] = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)
-        probs = self._forward(x, record=False)
+        try:
+            probs = self._forward(x, record=False)
+        except RuntimeError as exc:  # e.g. a network built for other input than 1×28×28 images
+            raise ArtifactError(f"self-test forward pass failed: {exc}") from None
         if probs.shape != (2, len(self.class_names)) or not np.isfinite(probs).all():
             raise ArtifactError(f"self-test forward pass gave invalid output of shape {probs.shape}")
         if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-4):

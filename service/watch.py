@@ -12,12 +12,14 @@ from service.state import ServingState
 logger = logging.getLogger("service.watch")
 
 
-def _stamp(state: ServingState) -> tuple[int, int] | None:
+def _stamp(state: ServingState) -> tuple[int, int, int] | None:
+    """The inode tells a swapped-in copy from the file it replaced even when mtime and size are equal (a copy that
+    keeps mtimes, such as re-publishing a good artifact after a refused one with the same model.json)."""
     try:
         st = (state.settings.artifact_dir / META_FILE).stat()
     except OSError:
         return None
-    return st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 async def watch_artifact(state: ServingState) -> None:
@@ -34,3 +36,5 @@ async def watch_artifact(state: ServingState) -> None:
             await state.reload()
         except ApiError as exc:
             logger.error("%s", exc.message)
+        except Exception:  # a dead watcher would silently stop every later reload
+            logger.exception("reload after an artifact change failed; still watching")
