@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--arch", choices=ARCHS, default="bn-cnn", help="bn-cnn, or the seed document's MLP")
-    p.add_argument("--epochs", type=int, default=8, help="passes over the training set")
+    p.add_argument("--epochs", type=int, default=7, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=128, help="images per optimiser step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW decoupled weight decay")

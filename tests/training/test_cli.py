@@ -23,7 +23,7 @@ def test_help_shows_kebab_case_flags_with_defaults() -> None:
     for flag in ("--epochs", "--batch-size", "--lr", "--seed", "--device", "--out", "--data-dir", "--smoke", "--arch"):
         assert flag in out
     assert (
-        re.search(r"--epochs EPOCHS\s+passes over the training set\s+\(default:\s+8\)", out)
+        re.search(r"--epochs EPOCHS\s+passes over the training set\s+\(default:\s+7\)", out)
         and "{auto,cpu,cuda,mps}" in out
     )
 
