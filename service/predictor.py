@@ -40,7 +40,8 @@ class Predictor:
         self.name = artifact.meta.name
         self.version = artifact.meta.version
         self.class_names = list(artifact.meta.class_names)
-        self._net = artifact.net.eval()
+        # channels-last (NHWC) convolutions are ~2× faster on CPU for batches ≥ 8 (bench/README.md).
+        self._net = artifact.net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._mean = float(artifact.normalization.mean)
         self._std = float(artifact.normalization.std)
         self.recorder: BnStatsRecorder | None = None
@@ -85,7 +86,7 @@ class Predictor:
     def _forward(self, pixels: np.ndarray, *, record: bool) -> np.ndarray:
         x = torch.from_numpy(pixels)  # shares memory: no copy
         with torch.inference_mode():
-            x = (x - self._mean) / self._std
+            x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
             if record and self.recorder is not None and self.monitor is not None:
                 with self.recorder.capture() as moments:
                     logits = self._net(x)
