@@ -12,6 +12,11 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+import numpy as np
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.artifact import Artifact
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -95,3 +100,19 @@ def train_smoke(out: Path, *, seed: int = 0, version: str | None = None, arch: s
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return out
+
+
+def direct_probabilities(art: Artifact, images: np.ndarray) -> np.ndarray:
+    """A lone forward pass of the loaded artifact: the ground truth a server's response must reproduce."""
+    x = art.normalization.apply(torch.from_numpy(images.reshape(-1, 1, 28, 28).astype(np.float32)))
+    with torch.inference_mode():
+        return torch.softmax(art.net(x), 1).numpy()
+
+
+def metric(text: str, name: str, /, **labels: str) -> float:
+    """One sample's value from Prometheus text (parsed by prometheus_client), or 0 when absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0

@@ -9,30 +9,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from model.artifact import Artifact
-from tests.support import ADMIN_TOKEN, ServerProcess
+from tests.support import ADMIN_TOKEN, ServerProcess, direct_probabilities, metric
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def direct_probabilities(art: Artifact, images: np.ndarray) -> np.ndarray:
-    """A lone forward pass of the loaded artifact: the ground truth the server must reproduce."""
-    x = art.normalization.apply(torch.from_numpy(images.reshape(-1, 1, 28, 28).astype(np.float32)))
-    with torch.inference_mode():
-        return torch.softmax(art.net(x), 1).numpy()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text (parsed by prometheus_client), or 0 when absent."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
 
 
 def test_predictions_equal_a_direct_forward_pass(server: ServerProcess, tiny_artifact: Artifact, test_images) -> None:  # type: ignore[no-untyped-def]

@@ -18,11 +18,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from model.artifact import Artifact
-from tests.support import ADMIN_TOKEN, ServerProcess
+from tests.support import ADMIN_TOKEN, ServerProcess, direct_probabilities
 
 pytestmark = pytest.mark.integration
 
@@ -553,12 +552,6 @@ def test_admin_routes_refuse_other_methods(server: ServerProcess, route: str) ->
 
 
 # ---- many identical requests at once; then the server must be healthy, exact and clean ----
-
-
-def direct_probabilities(art: Artifact, images: np.ndarray) -> np.ndarray:
-    x = art.normalization.apply(torch.from_numpy(images.reshape(-1, 1, 28, 28).astype(np.float32)))
-    with torch.inference_mode():
-        return torch.softmax(art.net(x), 1).numpy()
 
 
 async def test_a_thousand_identical_requests_in_parallel(

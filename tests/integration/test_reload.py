@@ -14,12 +14,10 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from model.artifact import WEIGHTS_FILE, Artifact, load_artifact, save_artifact
 from model.net import build_net
-from tests.support import ADMIN_TOKEN, ServerProcess, train_smoke
+from tests.support import ADMIN_TOKEN, ServerProcess, direct_probabilities, metric, train_smoke
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -67,22 +65,6 @@ def wrong_input_artifact(like: Artifact, out: Path) -> Path:
         calibration=like.calibration, version="rgb",
     )  # fmt: skip
     return out
-
-
-def direct_probabilities(art: Artifact, images: np.ndarray) -> np.ndarray:
-    """A lone forward pass of the loaded artifact: the ground truth a response must reproduce."""
-    x = art.normalization.apply(torch.from_numpy(images.reshape(-1, 1, 28, 28).astype(np.float32)))
-    with torch.inference_mode():
-        return torch.softmax(art.net(x), 1).numpy()
-
-
-def metric(text: str, name: str, /, **labels: str) -> float:
-    """One sample's value from Prometheus text, or 0 when absent."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
 
 
 @dataclass
