@@ -106,3 +106,10 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected)
+
+
+def error_responses(descriptions: Mapping[int, str], *codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for the given status codes, all with the one error body schema."""
+    return {
+        c: {"description": descriptions[c], "content": {"application/json": {"schema": ERROR_SCHEMA}}} for c in codes
+    }

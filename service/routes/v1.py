@@ -13,7 +13,7 @@ from starlette.formparsers import MultiPartException
 
 from model.image import ImageError, preprocess_image_bytes
 from service.deps import AdminDep, JsonBody, StateDep
-from service.errors import ERROR_SCHEMA, ApiError
+from service.errors import ApiError, error_responses
 from service.predictor import Prediction, Predictor
 from service.responses import OrjsonResponse
 from service.schemas import ImagePredictResponse, PredictRequest, PredictResponse, parse_predict_body
@@ -21,13 +21,15 @@ from service.schemas import ImagePredictResponse, PredictRequest, PredictRespons
 router = APIRouter(prefix="/v1")
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    text = {
+_V1_ERRORS = {
         400: "malformed request", 401: "missing or wrong bearer token", 404: "not found (or admin disabled)",
         413: "body too large", 415: "wrong content type", 422: "invalid input: the message says what and where",
         503: "not ready or overloaded (see Retry-After)", 504: "deadline exceeded",
     }  # fmt: skip
-    return {c: {"description": text[c], "content": {"application/json": {"schema": ERROR_SCHEMA}}} for c in codes}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return error_responses(_V1_ERRORS, *codes)
 
 
 def _body(predictor: Predictor, prediction: Prediction, names: list[str] | None = None) -> dict[str, Any]:

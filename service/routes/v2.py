@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from model.preprocess import IMAGE_PIXELS, IMAGE_SIDE, uint8_to_unit
 from service.deps import JsonBody, StateDep
-from service.errors import ERROR_SCHEMA, ApiError, format_loc
+from service.errors import ApiError, error_responses, format_loc
 from service.predictor import Prediction, Predictor
 from service.responses import OrjsonResponse
 from service.state import ServingState
@@ -354,13 +354,15 @@ def _model_metadata(p: Predictor) -> dict[str, Any]:
     }
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    text = {
+_V2_ERRORS = {
         400: "invalid request: the message says what and where", 404: "unknown model or version",
         413: "body too large", 415: "wrong content type", 503: "not ready or overloaded (see Retry-After)",
         504: "deadline exceeded",
     }  # fmt: skip
-    return {c: {"description": text[c], "content": {"application/json": {"schema": ERROR_SCHEMA}}} for c in codes}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return error_responses(_V2_ERRORS, *codes)
 
 
 def _refuse_binary_header(request: Request) -> None:

@@ -19,25 +19,12 @@ from model.bnstats import (
     window_scores,
 )
 from model.net import NetConfig, bn_layers, build_net
+from tests.reference import reference_drift
 
 EPS = 1e-5
 
 
 # --- the plain numpy reference: DESIGN.md "BN drift: definitions", written out the obvious way ---
-
-
-def reference_drift(
-    x: np.ndarray, mean_r: np.ndarray, var_r: np.ndarray, eps: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """d, r, KL per channel for raw BN inputs x (N, C) or (N, C, H, W) of one window."""
-    x = np.asarray(x, dtype=np.float64)
-    per_channel = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # (C, N·H·W)
-    mu_l = per_channel.mean(axis=1)
-    var_l = per_channel.var(axis=1, ddof=1)  # unbiased, like running_var
-    d = (mu_l - mean_r) / np.sqrt(var_r + eps)
-    r = np.log((var_l + eps) / (var_r + eps))
-    kl = 0.5 * (np.exp(r) + d**2 - 1.0 - r)
-    return d, r, kl
 
 
 def gaussian_kl(mu_l: float, var_l: float, mu_r: float, var_r: float) -> float:
