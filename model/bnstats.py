@@ -85,7 +85,8 @@ def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor) -> Moments:
         per_image = int(x.shape[2] * x.shape[3])
     else:
         s1, s2, per_image = centred, centred.square(), 1
-    return Moments(s1.double().cpu().numpy(), s2.double().cpu().numpy(), per_image)
+    both = torch.stack((s1, s2)).double().cpu().numpy()  # one conversion for both sums
+    return Moments(both[0], both[1], per_image)
 
 
 class BnStatsRecorder:
@@ -101,7 +102,8 @@ class BnStatsRecorder:
 
     def __init__(self, net: nn.Module) -> None:
         self.references = layer_references(net)
-        self._ref_means = {n: torch.from_numpy(r.mean) for n, r in self.references.items()}
+        # float32 copies, shaped for broadcasting: the hooks run on every batch, so nothing is converted there.
+        self._ref_means = {n: torch.from_numpy(r.mean).float() for n, r in self.references.items()}
         self._pending: dict[str, Moments] | None = None
         self._handles = [bn.register_forward_pre_hook(self._hook_for(name)) for name, bn in bn_layers(net).items()]
 

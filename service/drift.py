@@ -114,10 +114,14 @@ class DriftMonitor:
             return
         keep = min(n, self.window)  # a batch bigger than the window only leaves its last `window` images
         with self._lock:
-            rows = (self._head + np.arange(keep)) % self.window
+            head = self._head
+            first = min(keep, self.window - head)  # rows up to the end of the ring, then wrap to the start
             for name, m in moments.items():
-                self._s1[name][rows] = m.s1[n - keep :]
-                self._s2[name][rows] = m.s2[n - keep :]
+                s1, s2 = m.s1[n - keep :], m.s2[n - keep :]
+                self._s1[name][head : head + first] = s1[:first]
+                self._s2[name][head : head + first] = s2[:first]
+                self._s1[name][: keep - first] = s1[first:]
+                self._s2[name][: keep - first] = s2[first:]
                 self._per_image[name] = m.per_image
             self._head = int((self._head + keep) % self.window)
             self._filled = min(self.window, self._filled + keep)
