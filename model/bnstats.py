@@ -68,20 +68,26 @@ class Moments:
         return Moments(np.concatenate([p.s1 for p in parts]), np.concatenate([p.s2 for p in parts]), parts[0].per_image)
 
 
-def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor) -> Moments:
+def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor, scratch: torch.Tensor | None = None) -> Moments:
     """Moments of a BN input x shaped (N, C) or (N, C, H, W), centred on the reference mean (C,).
 
     The per-image reduction runs in the input's float32 (pairwise summation, after centring, so there is no
     cancellation to amplify rounding: relative error ~1e-7, the input's own precision); everything after it,
     window sums included, is float64. That is 3× cheaper than casting the whole activation to float64 and
-    keeps the drift hooks a small fraction of the forward pass.
+    keeps the drift hooks a small fraction of the forward pass. `scratch` (at least x.numel() elements of x's
+    dtype) holds the centred copy, so a hook allocates no activation-sized memory per batch.
     """
     if x.dim() not in (2, 4):
         raise ValueError(f"BN input must be (N, C) or (N, C, H, W), got shape {tuple(x.shape)}")
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    centred = x.detach() - ref_mean.to(x.device, x.dtype).view(shape)
+    mean = ref_mean.to(x.device, x.dtype).view(shape)
+    if scratch is not None and scratch.numel() >= x.numel() and scratch.dtype == x.dtype:
+        centred = torch.sub(x.detach(), mean, out=scratch[: x.numel()].view(x.shape))
+    else:
+        centred = x.detach() - mean
     if x.dim() == 4:
-        s1, s2 = centred.sum((2, 3)), centred.square().sum((2, 3))
+        s1 = centred.sum((2, 3))
+        s2 = centred.mul_(centred).sum((2, 3))  # in place: the centred copy is ours
         per_image = int(x.shape[2] * x.shape[3])
     else:
         s1, s2, per_image = centred, centred.square(), 1
@@ -105,12 +111,17 @@ class BnStatsRecorder:
         # float32 copies, shaped for broadcasting: the hooks run on every batch, so nothing is converted there.
         self._ref_means = {n: torch.from_numpy(r.mean).float() for n, r in self.references.items()}
         self._pending: dict[str, Moments] | None = None
+        self._scratch: dict[str, torch.Tensor] = {}
         self._handles = [bn.register_forward_pre_hook(self._hook_for(name)) for name, bn in bn_layers(net).items()]
 
     def _hook_for(self, name: str):  # type: ignore[no-untyped-def]
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             if self._pending is not None:
-                self._pending[name] = per_image_moments(args[0], self._ref_means[name])
+                x = args[0]
+                buf = self._scratch.get(name)
+                if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype or buf.device != x.device:
+                    buf = self._scratch[name] = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+                self._pending[name] = per_image_moments(x, self._ref_means[name], buf)
 
         return hook
 
