@@ -16,8 +16,8 @@ from hypothesis.extra import numpy as hnp
 
 from model.preprocess import PixelError, to_image_batch
 from service.errors import ApiError, error_response
-from service.routes.v2 import OUTPUT_NAMES, ParsedInference, parse_infer_body
 from service.schemas import parse_predict_body
+from service.v2_protocol import OUTPUT_NAMES, ParsedInference, parse_infer_body
 
 MAX_INSTANCES = 3
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

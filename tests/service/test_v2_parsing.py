@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.errors import ApiError
-from service.routes.v2 import OUTPUT_NAMES, ParsedInference, parse_infer_body
+from service.v2_protocol import OUTPUT_NAMES, ParsedInference, parse_infer_body
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.random((3, 28, 28), dtype=np.float32)  # (N, 28, 28) in [0, 1)
