@@ -11,7 +11,6 @@ import json
 import socket
 import struct
 import time
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 from PIL import Image
 
 from model.artifact import Artifact
-from tests.support import ADMIN_TOKEN, ServerProcess, direct_probabilities
+from tests.support import ADMIN_TOKEN, ServerProcess, direct_probabilities, png_claiming
 
 pytestmark = pytest.mark.integration
 
@@ -388,17 +387,6 @@ def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A valid PNG header that claims width x height 8-bit grey pixels, with almost no pixel data behind it."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 2)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 def gif_claiming(width: int, height: int) -> bytes:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
 import warnings
-import zlib
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from model.image import (
     mnist_preprocess,
     preprocess_image_bytes,
 )
+from tests.support import png_claiming
 
 # --- synthetic MNIST-style digits (ink = 1 on black, ink inside a 20x20 box, centred by mass) ---
 
@@ -79,17 +78,6 @@ def _aligned_corr(a: np.ndarray, b: np.ndarray) -> float:
     """Best correlation over shifts of at most 1 px: a centre of mass at x.5 may round either way."""
     shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
     return max(_corr(np.roll(a, shift, axis=(0, 1)), b) for shift in shifts)
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def _png_with_header(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height 8-bit grey pixels, followed by a tiny IDAT."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1000)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 # --- round trip and MNIST conventions ---
@@ -241,7 +229,7 @@ def test_truncated_file_is_refused(fmt: str) -> None:
 
 
 def test_decompression_bomb_header_is_refused_quickly() -> None:
-    bomb = _png_with_header(100_000, 100_000)  # 10 G pixels; the file is ~100 bytes
+    bomb = png_claiming(100_000, 100_000)  # 10 G pixels; the file is ~100 bytes
     start = time.perf_counter()
     with pytest.raises(ImageError, match="too large"):
         decode_image(bomb)
@@ -251,7 +239,7 @@ def test_decompression_bomb_header_is_refused_quickly() -> None:
 def test_pixel_limit_is_checked_before_decoding() -> None:
     # The IDAT holds far fewer than 3000x3000 pixels, so decoding would report truncation;
     # "too large" therefore proves the check ran on the header alone.
-    data = _png_with_header(3000, 3000)
+    data = png_claiming(3000, 3000)
     with pytest.raises(ImageError, match=r"too large: 3000x3000 = 9000000 pixels, the limit is 4000000"):
         decode_image(data)
     with pytest.raises(ImageError, match="too large"):
@@ -264,7 +252,7 @@ def test_pil_bomb_warning_is_an_error_even_when_warnings_are_ignored() -> None:
     # 100 M pixels is between PIL's warning and error limits; max_pixels allows it, so only PIL's
     # DecompressionBombWarning stands in the way. With warnings ignored globally, decoding would
     # otherwise go on and fail as "truncated".
-    data = _png_with_header(10_000, 10_000)
+    data = png_claiming(10_000, 10_000)
     filters_before = list(warnings.filters)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
