@@ -121,7 +121,9 @@ def save_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "bnserve_format": str(FORMAT_VERSION)})
+        # One metadata key only: safetensors writes metadata from a hash map, so two keys come out in a random order
+        # and the same weights would get a different SHA-256 from run to run.
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         digest = sha256_file(tmp / WEIGHTS_FILE)
         now = datetime.now(UTC)
         meta = ArtifactMeta(

@@ -124,3 +124,16 @@ def test_eval_mode_batch_independence(tiny_artifact) -> None:  # type: ignore[no
         shuffled = torch.softmax(net(x.flip(0)), 1).flip(0)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(shuffled, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_same_weights_give_the_same_hash(saved: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    """The weights file is byte-stable: no unordered metadata, so equal weights always hash equal."""
+    path, net = saved
+    digests = set()
+    for i in range(3):
+        meta = save_artifact(
+            tmp_path / f"again{i}", net, NetConfig(conv_channels=(4, 8), hidden=16), name="unit", version="v1",
+            normalization=Normalization(0.13, 0.31), metrics={}, data_fingerprint="f", data_source="s",
+        )  # fmt: skip
+        digests.add(meta.weights.sha256)
+    assert digests == {load_artifact(path).sha256}
