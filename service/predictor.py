@@ -54,6 +54,11 @@ class Predictor:
                 self.recorder.references, artifact.calibration, window=drift_window, top_channels=top_channels
             )
 
+    @property
+    def ref(self) -> dict[str, str]:
+        """How responses name this model: {"name": ..., "version": ...}."""
+        return {"name": self.name, "version": self.version}
+
     @classmethod
     def load(cls, path: Path, *, drift_window: int | None, top_channels: int = 5) -> Predictor:
         """Load, verify and smoke-test an artifact; raises ArtifactError (or ValueError) if it is not servable."""

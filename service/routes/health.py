@@ -30,7 +30,7 @@ async def readyz(state: StateDep) -> Response:
     if p is None:
         reason = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
         return error_response(503, "not_ready", reason, headers={"Retry-After": "1"})
-    return OrjsonResponse({"status": "ready", "model": {"name": p.name, "version": p.version}})
+    return OrjsonResponse({"status": "ready", "model": p.ref})
 
 
 @router.get("/metrics", response_class=Response)

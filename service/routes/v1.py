@@ -125,9 +125,9 @@ async def drift(state: StateDep) -> OrjsonResponse:
     """Per-layer BN-statistic drift of the current window against the training references."""
     predictor = state.require_predictor()
     if predictor.monitor is None:
-        return OrjsonResponse({"enabled": False, "model": {"name": predictor.name, "version": predictor.version}})
+        return OrjsonResponse({"enabled": False, "model": predictor.ref})
     report = predictor.monitor.report().to_dict()
-    return OrjsonResponse({"enabled": True, "model": {"name": predictor.name, "version": predictor.version}, **report})
+    return OrjsonResponse({"enabled": True, "model": predictor.ref, **report})
 
 
 @router.post(
@@ -142,7 +142,7 @@ async def drift_reset(state: StateDep) -> OrjsonResponse:
     predictor = state.require_predictor()
     if predictor.monitor is not None:
         predictor.monitor.reset()
-    return OrjsonResponse({"status": "reset", "model": {"name": predictor.name, "version": predictor.version}})
+    return OrjsonResponse({"status": "reset", "model": predictor.ref})
 
 
 @router.post(

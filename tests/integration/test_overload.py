@@ -12,32 +12,12 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import ServerProcess
+from bench.serve_bench import rss_mb
+from tests.support import ServerProcess, metric
 
 pytestmark = pytest.mark.integration
 
 IMAGES_PER_REQUEST = 32
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process, from /proc (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a Prometheus text page, keyed by (name, sorted labels)."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): float(s.value)
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(page: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return page.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def burst(url: str, body: bytes, requests: int) -> tuple[Counter[int], list[httpx.Response], list[str]]:
@@ -62,9 +42,14 @@ async def burst(url: str, body: bytes, requests: int) -> tuple[Counter[int], lis
     return statuses, refused, errors
 
 
-def no_500(page: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> bool:
+def no_500(page: str) -> bool:
     """No request was ever answered with a 500 (the metrics count every answer by status)."""
-    codes = {dict(labels)["status"] for name, labels in page if name == "bnserve_http_requests_total"}
+    codes = {
+        sample.labels["status"]
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+        if sample.name == "bnserve_http_requests_total"
+    }
     return "500" not in codes and "200" in codes
 
 
@@ -84,7 +69,7 @@ async def test_overload_is_shed_with_503_bounded_memory_and_recovery(
         assert srv.proc is not None
         await burst(srv.url, body, 50)  # warm-up: lazy allocations happen before the baseline
         rss_start = rss_mb(srv.proc.pid)
-        before = samples(httpx.get(f"{srv.url}/metrics").text)
+        before = httpx.get(f"{srv.url}/metrics").text
         total: Counter[int] = Counter()
         rss_after_round = []
         for _ in range(3):
@@ -97,21 +82,21 @@ async def test_overload_is_shed_with_503_bounded_memory_and_recovery(
                 assert r.json()["code"] == "overloaded" and "queue is full" in r.json()["error"]
                 assert int(r.headers["Retry-After"]) >= 1
             single_request_ok(srv.url, images[0])  # recovers as soon as the load drops
-        after = samples(httpx.get(f"{srv.url}/metrics").text)
+        after = httpx.get(f"{srv.url}/metrics").text
         logs = srv.logs()
     assert set(total) == {200, 503}, dict(total)
     assert total[503] > total[200], f"the load must be far beyond capacity: {dict(total)}"
-    rejected = value(after, "bnserve_rejections_total", reason="queue_full") - value(
+    rejected = metric(after, "bnserve_rejections_total", reason="queue_full") - metric(
         before, "bnserve_rejections_total", reason="queue_full"
     )
     assert rejected == total[503]
     route = {"route": "/v1/predict", "method": "POST"}
-    served_503 = value(after, "bnserve_http_requests_total", **route, status="503") - value(
+    served_503 = metric(after, "bnserve_http_requests_total", **route, status="503") - metric(
         before, "bnserve_http_requests_total", **route, status="503"
     )
     assert served_503 == total[503]
     assert no_500(after)
-    assert value(after, "bnserve_batch_queue_images") == 0
+    assert metric(after, "bnserve_batch_queue_images") == 0
     growth = max(rss_after_round) - rss_start
     assert growth < 100, f"RSS grew {growth:.0f} MB: {rss_start:.0f} → {rss_after_round}"
     assert rss_after_round[-1] - rss_after_round[0] < 30, f"RSS keeps growing per burst: {rss_after_round}"
@@ -125,7 +110,7 @@ async def test_deadline_gives_504_never_500_and_recovers(
     body = orjson.dumps({"instances": images[:IMAGES_PER_REQUEST].reshape(IMAGES_PER_REQUEST, -1).tolist()})
     settings = {"request_timeout": 0.1, "max_queue_images": 8192, "max_batch_size": 8, "torch_threads": 1}
     with ServerProcess(tiny_artifact_dir, access_log="false", **settings) as srv:
-        before = samples(httpx.get(f"{srv.url}/metrics").text)
+        before = httpx.get(f"{srv.url}/metrics").text
         statuses, late, errors = await burst(srv.url, body, 200)
         assert not errors, f"{errors[:5]}\n{srv.logs()[-3000:]}"
         for r in late:
@@ -133,14 +118,14 @@ async def test_deadline_gives_504_never_500_and_recovers(
             assert r.json()["code"] == "deadline_exceeded" and "no result within 0.1 s" in r.json()["error"]
         for _ in range(5):
             single_request_ok(srv.url, images[0])
-        after = samples(httpx.get(f"{srv.url}/metrics").text)
+        after = httpx.get(f"{srv.url}/metrics").text
         logs = srv.logs()
     assert statuses[504] > 0, dict(statuses)
     assert set(statuses) <= {200, 504}, dict(statuses)
-    rejected = value(after, "bnserve_rejections_total", reason="deadline") - value(
+    rejected = metric(after, "bnserve_rejections_total", reason="deadline") - metric(
         before, "bnserve_rejections_total", reason="deadline"
     )
     assert rejected == statuses[504]
     assert no_500(after)
-    assert value(after, "bnserve_batch_queue_images") == 0
+    assert metric(after, "bnserve_batch_queue_images") == 0
     assert "Traceback" not in logs, logs[-3000:]
