@@ -14,7 +14,7 @@ when a channel has a large mean and a tiny variance.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -74,15 +74,21 @@ def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor, scratch: torch.Te
     The per-image reduction runs in the input's float32 (pairwise summation, after centring, so there is no
     cancellation to amplify rounding: relative error ~1e-7, the input's own precision); everything after it,
     window sums included, is float64. That is 3× cheaper than casting the whole activation to float64 and
-    keeps the drift hooks a small fraction of the forward pass. `scratch` (at least x.numel() elements of x's
-    dtype) holds the centred copy, so a hook allocates no activation-sized memory per batch.
+    keeps the drift hooks a small fraction of the forward pass. `scratch` (from `torch.empty_like` of an input at
+    least as large in dim 0) holds the centred copy, so a hook allocates no activation-sized memory per batch. Its
+    memory layout must be x's: centring a channels-last activation into an NCHW buffer is a transpose, and cost
+    5× more than everything else in the hook.
     """
     if x.dim() not in (2, 4):
         raise ValueError(f"BN input must be (N, C) or (N, C, H, W), got shape {tuple(x.shape)}")
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    mean = ref_mean.to(x.device, x.dtype).view(shape)
-    if scratch is not None and scratch.numel() >= x.numel() and scratch.dtype == x.dtype:
-        centred = torch.sub(x.detach(), mean, out=scratch[: x.numel()].view(x.shape))
+    # Every torch call below releases and retakes the GIL, which the event loop holds much of the time under
+    # load: the fewer calls, the less the inference thread waits. Hence no conversion or view that is not needed.
+    mean = ref_mean if ref_mean.dtype == x.dtype and ref_mean.device == x.device else ref_mean.to(x.device, x.dtype)
+    want = (-1, 1, 1) if x.dim() == 4 else (-1,)  # broadcasts over (N, C, H, W) or (N, C)
+    if mean.dim() != len(want):
+        mean = mean.reshape(want)
+    if scratch is not None and fits_scratch(scratch, x):
+        centred = torch.sub(x.detach(), mean, out=scratch[: x.shape[0]])
     else:
         centred = x.detach() - mean
     if x.dim() == 4:
@@ -91,49 +97,91 @@ def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor, scratch: torch.Te
         per_image = int(x.shape[2] * x.shape[3])
     else:
         s1, s2, per_image = centred, centred.square(), 1
-    both = torch.stack((s1, s2)).double().cpu().numpy()  # one conversion for both sums
-    return Moments(both[0], both[1], per_image)
+    both = torch.stack((s1, s2)).double()  # one conversion for both sums
+    sums = (both if both.device.type == "cpu" else both.cpu()).numpy()
+    return Moments(sums[0], sums[1], per_image)
+
+
+def fits_scratch(scratch: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `scratch[:len(x)]` can hold a copy of x in x's memory layout."""
+    return (
+        scratch.shape[1:] == x.shape[1:]
+        and scratch.shape[0] >= x.shape[0]
+        and scratch.stride()[1:] == x.stride()[1:]
+        and scratch.dtype == x.dtype
+        and scratch.device == x.device
+    )
 
 
 class BnStatsRecorder:
     """Forward pre-hooks on every BN layer that record per-image input moments during a normal forward pass.
 
-    One forward pass at a time per recorder (the service has a single inference thread).
+    One forward pass at a time per recorder (the service has a single inference thread). Two ways to use it:
 
     >>> recorder = BnStatsRecorder(net)
-    >>> with recorder.capture() as moments:
+    >>> with recorder.capture() as moments:      # moments computed inside the forward pass
     ...     logits = net(x)
     >>> moments["features.0.1"].s1.shape   # (N, C)
+
+    >>> with recorder.capture_inputs() as inputs:  # keep the BN inputs; moments later, off the latency path
+    ...     logits = net(x)
+    >>> moments = recorder.moments(inputs)
+
+    `capture_inputs` relies on nothing writing to a BN layer's input after the layer has read it, which holds for
+    the networks in model/net.py (a BN input is a convolution's or linear layer's output, read by the BN alone).
     """
 
     def __init__(self, net: nn.Module) -> None:
         self.references = layer_references(net)
-        # float32 copies, shaped for broadcasting: the hooks run on every batch, so nothing is converted there.
-        self._ref_means = {n: torch.from_numpy(r.mean).float() for n, r in self.references.items()}
-        self._pending: dict[str, Moments] | None = None
+        # float32 copies, shaped for broadcasting over (N, C, H, W) or (N, C) inputs: the hooks run on every batch,
+        # so nothing is converted there.
+        bns = bn_layers(net)
+        self._ref_means = {
+            n: torch.from_numpy(r.mean).float().view((-1, 1, 1) if isinstance(bns[n], nn.BatchNorm2d) else (-1,))
+            for n, r in self.references.items()
+        }
+        self._sink: Callable[[str, torch.Tensor], None] | None = None
         self._scratch: dict[str, torch.Tensor] = {}
         self._handles = [bn.register_forward_pre_hook(self._hook_for(name)) for name, bn in bn_layers(net).items()]
 
     def _hook_for(self, name: str):  # type: ignore[no-untyped-def]
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            if self._pending is not None:
-                x = args[0]
-                buf = self._scratch.get(name)
-                if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype or buf.device != x.device:
-                    buf = self._scratch[name] = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
-                self._pending[name] = per_image_moments(x, self._ref_means[name], buf)
+            if self._sink is not None:
+                self._sink(name, args[0])
 
         return hook
+
+    def _moments_of(self, name: str, x: torch.Tensor) -> Moments:
+        buf = self._scratch.get(name)
+        if buf is None or not fits_scratch(buf, x):  # grows to the largest batch, then stays
+            buf = self._scratch[name] = torch.empty_like(x)
+        return per_image_moments(x, self._ref_means[name], buf)
+
+    def moments(self, inputs: dict[str, torch.Tensor]) -> dict[str, Moments]:
+        """The moments of BN inputs kept by `capture_inputs`."""
+        return {name: self._moments_of(name, x) for name, x in inputs.items()}
 
     @contextmanager
     def capture(self) -> Iterator[dict[str, Moments]]:
         """Record the moments of every BN layer for the forward passes run inside the block."""
         captured: dict[str, Moments] = {}
-        self._pending = captured
-        try:
+        with self._sinking(lambda name, x: captured.__setitem__(name, self._moments_of(name, x))):
             yield captured
+
+    @contextmanager
+    def capture_inputs(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Keep (a reference to) every BN layer's input of the forward pass run inside the block."""
+        kept: dict[str, torch.Tensor] = {}
+        with self._sinking(lambda name, x: kept.__setitem__(name, x.detach())):
+            yield kept
+
+    @contextmanager
+    def _sinking(self, sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        self._sink = sink
+        try:
+            yield
         finally:
-            self._pending = None
+            self._sink = None
 
     def remove(self) -> None:
         for handle in self._handles:

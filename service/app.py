@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from service.errors import install_error_handlers
+from service.fastpath import PredictFastPath
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.routes import health, v1, v2
@@ -58,6 +59,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    if settings.fast_path:
+        app.add_middleware(PredictFastPath, route=v1.predict_route)  # innermost: the middleware below still apply
     upload_limit = max(settings.max_body_bytes, settings.max_image_files * 8 * 1024 * 1024)
     app.add_middleware(
         BodyLimitMiddleware,

@@ -20,12 +20,16 @@ async def get_state(request: Request) -> ServingState:
 StateDep = Annotated[ServingState, Depends(get_state)]
 
 
-async def json_body(request: Request) -> bytes:
-    """The raw body of a JSON request; 415 for any other content type (the size limit is in middleware)."""
-    content_type = request.headers.get("content-type", "")
+def require_json(content_type: str) -> None:
+    """415 unless the Content-Type is application/json (parameters such as charset are allowed)."""
     if content_type.split(";")[0].strip().lower() != "application/json":
         shown = content_type[:60] or "none"
         raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, got {shown}")
+
+
+async def json_body(request: Request) -> bytes:
+    """The raw body of a JSON request; 415 for any other content type (the size limit is in middleware)."""
+    require_json(request.headers.get("content-type", ""))
     return await request.body()
 
 

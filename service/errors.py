@@ -80,6 +80,13 @@ _STATUS_CODES = {
 }
 
 
+def http_error_response(exc: StarletteHTTPException) -> Response:
+    """Starlette's HTTP errors (404, 405, a 413 raised mid-body) in the one shape."""
+    return error_response(
+        exc.status_code, _STATUS_CODES.get(exc.status_code, "error"), str(exc.detail), headers=exc.headers
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error, expected or not, through the one shape; unexpected ones leak nothing."""
 
@@ -89,8 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        code = _STATUS_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        return http_error_response(exc)
 
     async def validation_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

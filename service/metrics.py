@@ -138,12 +138,10 @@ class MetricsObserver:
     def queued(self, images: int) -> None:
         self.m.queue_depth.set(images)
 
-    def batch_started(self, images: int, waits: Sequence[float]) -> None:
+    def batch_done(self, images: int, waits: Sequence[float], seconds: float) -> None:
         self.m.batch_size.observe(images)
         for wait in waits:
             self.m.queue_wait.observe(wait)
-
-    def batch_finished(self, seconds: float) -> None:
         self.m.inference.observe(seconds)
 
     def rejected(self, reason: str) -> None:

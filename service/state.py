@@ -29,12 +29,14 @@ class ServingState:
         self.predictor: Predictor | None = None
         self.load_error: str | None = None
         self._reload_lock = asyncio.Lock()
+        self._last_predictor: Predictor | None = None  # the model of the last batch, for _after_batch
         self.batcher: MicroBatcher[np.ndarray, Prediction] = MicroBatcher(
             self._infer,
             max_batch_size=settings.max_batch_size,
             max_batch_delay=settings.max_batch_delay,
             max_queue=max(settings.max_queue_images, settings.max_batch_size),
             observer=MetricsObserver(metrics),
+            after_batch=self._after_batch,
         )
         metrics.watch(self.view)
 
@@ -42,7 +44,7 @@ class ServingState:
         p = self.predictor
         if p is None:
             return None
-        drift = p.monitor.report() if p.monitor else None
+        drift = p.drift_report()
         return ModelView(name=p.name, version=p.version, sha256=p.artifact.sha256, drift=drift)
 
     def require_predictor(self) -> Predictor:
@@ -58,6 +60,7 @@ class ServingState:
             raise RuntimeError("no model loaded")
         pixels = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
         probs = predictor.predict(pixels)
+        self._last_predictor = predictor
         top = probs.argmax(axis=1)
         for cls, count in zip(*np.unique(top, return_counts=True), strict=True):
             self.metrics.predictions.labels(predictor.class_names[int(cls)]).inc(int(count))
@@ -65,6 +68,11 @@ class ServingState:
             self.metrics.confidence.observe(float(p))
         bounds = np.cumsum([len(p) for p in payloads])[:-1]
         return [Prediction(part, predictor.version) for part in np.split(probs, bounds)]
+
+    def _after_batch(self) -> None:
+        """Runs on the inference thread once a batch's results are out: the drift statistics."""
+        if self._last_predictor is not None:
+            self._last_predictor.record_drift()
 
     async def predict(self, pixels: np.ndarray) -> tuple[Predictor, Prediction]:
         """Queue images for the batcher and wait; batcher refusals become 503/504 errors."""

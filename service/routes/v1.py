@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -17,6 +18,7 @@ from service.errors import ApiError, error_responses
 from service.predictor import Prediction, Predictor
 from service.responses import OrjsonResponse
 from service.schemas import ImagePredictResponse, PredictRequest, PredictResponse, parse_predict_body
+from service.state import ServingState
 
 router = APIRouter(prefix="/v1")
 
@@ -64,6 +66,14 @@ def _body(predictor: Predictor, prediction: Prediction, names: list[str] | None 
 )
 async def predict(body: JsonBody, state: StateDep) -> OrjsonResponse:
     """Classify one or more 28×28 images given as pixel values in [0, 1]."""
+    return await answer_predict(state, body)
+
+
+predict_route = next(r for r in router.routes if isinstance(r, APIRoute) and r.path == "/v1/predict")
+
+
+async def answer_predict(state: ServingState, body: bytes) -> OrjsonResponse:
+    """POST /v1/predict after the Content-Type check; shared by this route and `service.fastpath`."""
     pixels = parse_predict_body(body, max_instances=state.settings.max_instances)
     predictor, prediction = await state.predict(pixels)
     return OrjsonResponse(_body(predictor, prediction))
@@ -124,10 +134,10 @@ async def predict_image(request: Request, state: StateDep) -> OrjsonResponse:
 async def drift(state: StateDep) -> OrjsonResponse:
     """Per-layer BN-statistic drift of the current window against the training references."""
     predictor = state.require_predictor()
-    if predictor.monitor is None:
+    report = await asyncio.to_thread(predictor.drift_report)  # may first fold in the images not yet counted
+    if report is None:
         return OrjsonResponse({"enabled": False, "model": predictor.ref})
-    report = predictor.monitor.report().to_dict()
-    return OrjsonResponse({"enabled": True, "model": predictor.ref, **report})
+    return OrjsonResponse({"enabled": True, "model": predictor.ref, **report.to_dict()})
 
 
 @router.post(
@@ -140,8 +150,7 @@ async def drift(state: StateDep) -> OrjsonResponse:
 async def drift_reset(state: StateDep) -> OrjsonResponse:
     """Start a new, empty drift window (bearer token; 404 when admin is disabled)."""
     predictor = state.require_predictor()
-    if predictor.monitor is not None:
-        predictor.monitor.reset()
+    predictor.reset_drift()
     return OrjsonResponse({"status": "reset", "model": predictor.ref})
 
 

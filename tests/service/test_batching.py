@@ -35,10 +35,9 @@ class Events:
         self.sizes: list[int] = []
 
     def queued(self, images: int) -> None: ...
-    def batch_started(self, images: int, waits: Sequence[float]) -> None:
+    def batch_done(self, images: int, waits: Sequence[float], seconds: float) -> None:
         self.sizes.append(images)
 
-    def batch_finished(self, seconds: float) -> None: ...
     def rejected(self, reason: str) -> None:
         self.rejections.append(reason)
 
@@ -166,3 +165,20 @@ def test_constructor_validates() -> None:
         MicroBatcher(Recorder(), max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue"):
         MicroBatcher(Recorder(), max_batch_size=8, max_queue=4)
+
+
+async def test_after_batch_runs_once_the_results_are_out_and_never_stops_the_worker() -> None:
+    infer = Recorder()
+    seen: list[list[int]] = []
+
+    def after() -> None:
+        seen.append(list(infer.batches[-1]))
+        if len(seen) == 1:
+            raise RuntimeError("bookkeeping failed")  # logged; the worker goes on
+
+    batcher = MicroBatcher(infer, max_batch_size=4, after_batch=after)
+    batcher.start()
+    assert await batcher.submit(1, size=1, timeout=5) == 10
+    assert await batcher.submit(2, size=1, timeout=5) == 20  # the worker survived the failing after_batch
+    await batcher.stop()
+    assert seen == [[1], [2]]
