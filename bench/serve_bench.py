@@ -1,9 +1,10 @@
 """Serving benchmark: bnserve (drift on/off) against a naive FastAPI server and the HTTP ceiling, one run, ratios.
 
-    python -m bench.serve_bench [--artifact artifacts/mnist-bn] [--duration 10] [--concurrency 1,8,32,128]
+    python -m bench.serve_bench [--artifact artifacts/mnist-bn] [--duration 10] [--rounds 2] [--concurrency 1,8,32,128]
 
-Each server is started here on a free loopback port, warmed up, loaded with wrk (or bench/loadgen.py when wrk is
-missing) with a real MNIST test image as the body, and stopped. Results go to bench/results/serve_bench.{json,md}.
+Every server is started here on its own free loopback port and warmed up; then, at each concurrency, each one is
+loaded in turn with wrk (or bench/loadgen.py when wrk is missing), a real MNIST test image as the body, for
+`--rounds` interleaved rounds. Results go to bench/results/serve_bench.{json,md}.
 """
 
 from __future__ import annotations
@@ -130,45 +131,67 @@ def load(url: str, body_path: Path, connections: int, duration: float, workdir: 
     return dict(json.loads(out))
 
 
-def bench_server(name: str, artifact: Path, body: Path, levels: list[int], duration: float, work: Path) -> list[Run]:
-    port = free_port()
-    cmd, extra = server_commands(port)[name]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BNSERVE_")}
-    env.update(extra, BNSERVE_ARTIFACT_DIR=str(artifact), PYTHONPATH=str(REPO))
-    url = f"http://127.0.0.1:{port}/v1/predict"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+class Server:
+    """One server process on a free loopback port."""
+
+    def __init__(self, name: str, artifact: Path) -> None:
+        self.name = name
+        port = free_port()
+        cmd, extra = server_commands(port)[name]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BNSERVE_")}
+        env.update(extra, BNSERVE_ARTIFACT_DIR=str(artifact), PYTHONPATH=str(REPO))
+        self.url = f"http://127.0.0.1:{port}/v1/predict"
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def rss(self) -> float:
+        return rss_mb(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def bench_servers(
+    names: list[str], artifact: Path, body: Path, levels: list[int], duration: float, rounds: int, work: Path
+) -> list[Run]:
+    """All servers run at once, idle but one: at each level every server gets `duration` s of load in turn, for
+    `rounds` rounds, and a figure is the median over its rounds. Interleaving keeps the machine's drifting speed
+    (shared, virtual) out of the ratios far better than benchmarking one server after another."""
+    servers = [Server(name, artifact) for name in names]
     runs = []
     try:
-        wait_ready(url, proc)
-        load(url, body, 8, 2.0, work)  # warm-up: lazy init, allocator pools, JIT-free but caches
-        rss_start = rss_mb(proc.pid)
+        for srv in servers:
+            wait_ready(srv.url, srv.proc)
+            load(srv.url, body, 8, 2.0, work)  # warm-up: lazy init, allocator pools, caches
+        rss_start = {srv.name: srv.rss() for srv in servers}
         for c in levels:
-            before = rss_mb(proc.pid)
-            r = load(url, body, c, duration, work)
-            runs.append(
-                Run(
-                    name,
-                    c,
-                    r["rps"],
-                    r["p50_ms"],
-                    r["p99_ms"],
-                    int(r["errors"]),
-                    int(r["requests"]),
-                    before,
-                    rss_mb(proc.pid),
+            rss_before = {srv.name: srv.rss() for srv in servers}
+            results: dict[str, list[dict[str, float]]] = {srv.name: [] for srv in servers}
+            for k in range(rounds):
+                for srv in servers[k % len(servers) :] + servers[: k % len(servers)]:  # rotate who goes first
+                    results[srv.name].append(load(srv.url, body, c, duration, work))
+            for srv in servers:
+                rs = results[srv.name]
+                med = {key: float(np.median([r[key] for r in rs])) for key in ("rps", "p50_ms", "p99_ms")}
+                errors, requests = sum(int(r["errors"]) for r in rs), sum(int(r["requests"]) for r in rs)
+                runs.append(
+                    Run(srv.name, c, med["rps"], med["p50_ms"], med["p99_ms"], errors, requests,
+                        rss_before[srv.name], srv.rss())
+                )  # fmt: skip
+                spread = " / ".join(f"{r['rps']:.0f}" for r in rs)
+                print(
+                    f"  {srv.name:16s} c={c:<4d} {med['rps']:8.0f} req/s ({spread})  p50 {med['p50_ms']:6.2f} ms  "
+                    f"p99 {med['p99_ms']:7.2f} ms  errors {errors}",
+                    flush=True,
                 )
-            )
-            print(
-                f"  {name:16s} c={c:<4d} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {int(r['errors'])}",
-                flush=True,
-            )
-        print(f"  {name}: RSS {rss_start:.0f} MB after warm-up → {rss_mb(proc.pid):.0f} MB after the run", flush=True)
+        for srv in servers:
+            print(f"  {srv.name}: RSS {rss_start[srv.name]:.0f} MB after warm-up → {srv.rss():.0f} MB", flush=True)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for srv in servers:
+            srv.stop()
     return runs
 
 
@@ -194,7 +217,8 @@ def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
 
 def markdown(runs: list[Run], rat: dict[str, dict[int, float]], meta: dict[str, object]) -> str:
     lines = [
-        f"Measured {meta['date']} on {meta['cpus']} CPUs, load from {meta['loader']}, {meta['duration']} s per level, "
+        f"Measured {meta['date']} on {meta['cpus']} CPUs, load from {meta['loader']}, {meta['duration']} s per level "
+        f"and server in each of {meta['rounds']} interleaved rounds (figures: medians over rounds), "
         "body: one real MNIST test image (784 floats).",
         "",
         "| server | conc. | req/s | p50 ms | p99 ms | errors | RSS before → after (MB) |",
@@ -217,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--servers", default="bnserve,bnserve-nodrift,naive,ceiling")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level; figures are medians")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     levels = [int(c) for c in a.concurrency.split(",")]
@@ -224,17 +249,14 @@ def main(argv: list[str] | None = None) -> int:
 
     image = load_mnist(default_cache_dir()).test_x[0].astype(np.float32) / 255.0
     a.out.mkdir(parents=True, exist_ok=True)
-    runs: list[Run] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         body = work / "body.json"
         body.write_text(json.dumps({"instances": [[round(float(v), 6) for v in image.reshape(-1)]]}))
-        for name in a.servers.split(","):
-            print(f"{name}:", flush=True)
-            runs += bench_server(name, a.artifact.resolve(), body, levels, a.duration, work)
+        runs = bench_servers(a.servers.split(","), a.artifact.resolve(), body, levels, a.duration, a.rounds, work)
     rat = ratios(runs)
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "duration": a.duration,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "duration": a.duration, "rounds": a.rounds,
         "loader": "wrk -t1" if shutil.which("wrk") else "bench/loadgen.py (httpx)",
     }  # fmt: skip
     md = markdown(runs, rat, meta)

@@ -87,10 +87,12 @@ def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor, scratch: torch.Te
     want = (-1, 1, 1) if x.dim() == 4 else (-1,)  # broadcasts over (N, C, H, W) or (N, C)
     if mean.dim() != len(want):
         mean = mean.reshape(want)
+    if x.requires_grad:  # only outside inference mode; detaching is one more torch call
+        x = x.detach()
     if scratch is not None and fits_scratch(scratch, x):
-        centred = torch.sub(x.detach(), mean, out=scratch[: x.shape[0]])
+        centred = torch.sub(x, mean, out=scratch[: x.shape[0]])
     else:
-        centred = x.detach() - mean
+        centred = x - mean
     if x.dim() == 4:
         s1 = centred.sum((2, 3))
         s2 = centred.mul_(centred).sum((2, 3))  # in place: the centred copy is ours
@@ -172,7 +174,7 @@ class BnStatsRecorder:
     def capture_inputs(self) -> Iterator[dict[str, torch.Tensor]]:
         """Keep (a reference to) every BN layer's input of the forward pass run inside the block."""
         kept: dict[str, torch.Tensor] = {}
-        with self._sinking(lambda name, x: kept.__setitem__(name, x.detach())):
+        with self._sinking(kept.__setitem__):  # no detach: one more torch call per layer, and moments never need grad
             yield kept
 
     @contextmanager

@@ -60,6 +60,8 @@ def to_image_batch(pixels: np.ndarray, *, field: str = "instances") -> np.ndarra
     if batch.shape[0] == 0:
         raise PixelError("at least one instance is required", (field,))
     flat = batch.reshape(batch.shape[0], -1)  # checked in the caller's dtype: 1e300 is out of range, not Infinity
+    if flat.size and flat.min() >= 0.0 and flat.max() <= 1.0:  # the common case in two passes (NaN fails both)
+        return np.ascontiguousarray(batch, dtype=np.float32)
     bad = ~np.isfinite(flat).all(axis=1)
     if bad.any():
         i = int(np.argmax(bad))

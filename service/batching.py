@@ -48,6 +48,11 @@ class _Item(Generic[P, R]):
     deadline: float
 
 
+def _expire(future: asyncio.Future[R], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceededError(f"no result within {timeout:g} s"))
+
+
 def _resolve(future: asyncio.Future[R], result: R | None, error: BaseException | None) -> None:
     if future.done():  # the waiter gave up (deadline) or was cancelled (client went away)
         return
@@ -129,12 +134,15 @@ class MicroBatcher(Generic[P, R]):
             self._cond.notify()
         if self.observer:
             self.observer.queued(self._queued_images)
+        # One timer per request, not wait_for + shield (three futures and a callback chain per request).
+        timer = loop.call_later(timeout, _expire, item.future, timeout)
         try:
-            return await asyncio.wait_for(asyncio.shield(item.future), timeout)
-        except TimeoutError:
-            item.future.cancel()  # the worker skips it if it has not started yet
+            return await item.future  # the worker skips a future that is done (expired) or cancelled
+        except DeadlineExceededError:
             self._reject("deadline")
-            raise DeadlineExceededError(f"no result within {timeout:g} s") from None
+            raise
+        finally:
+            timer.cancel()
 
     async def stop(self) -> None:
         """Stop accepting, finish everything already accepted, then end the worker thread."""

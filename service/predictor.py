@@ -16,7 +16,8 @@ from service.drift import DriftMonitor, DriftReport
 
 logger = logging.getLogger("service.predictor")
 
-DRIFT_CHUNK = 32  # images whose BN-input moments are computed together (see Predictor.record_drift)
+DRIFT_CHUNK = 32  # images of small batches whose BN-input moments are computed together (see Predictor.predict)
+INLINE_DRIFT_IMAGES = 4  # batches this big compute their moments during the forward pass
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Predictor:
         """(N, 1, 28, 28) float32 pixels in [0, 1] → (N, classes) float32 probabilities; feeds the drift window.
 
         Where the drift moments are computed depends on the batch (measured in bench/README.md):
-        - a batch of at least DRIFT_CHUNK / 2 images computes them in the BN hooks, during the forward pass: the
+        - a batch of at least INLINE_DRIFT_IMAGES images computes them in the BN hooks, during the forward pass: the
           activations are still in cache, and under load the event loop is idle then (every client waits for
           this batch), so the work does not contend with it for the GIL;
         - a smaller batch only keeps its BN inputs; `record_drift`, which the batcher runs after the results are
@@ -111,7 +112,7 @@ class Predictor:
         """
         if self.recorder is None or self.monitor is None:
             return self._forward(pixels)
-        if len(pixels) >= DRIFT_CHUNK // 2:
+        if len(pixels) >= INLINE_DRIFT_IMAGES:
             with self._drift_lock:
                 self._fold_kept()  # smaller batches answered earlier go first: the window keeps arrival order
                 with self.recorder.capture() as moments:

@@ -6,6 +6,7 @@ import re
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.preprocess import PixelError, to_image_batch
@@ -72,12 +73,20 @@ class ImagePredictResponse(BaseModel):
     predictions: list[ImagePrediction] = Field(description="one per uploaded file, in upload order")
 
 
-def parse_predict_body(body: bytes, *, max_instances: int) -> np.ndarray:
+def parse_predict_body(body: bytes, *, max_instances: int, common_case: bool = True) -> np.ndarray:
     """JSON bytes → validated (N, 1, 28, 28) float32, or an ApiError that names the problem and where it is.
 
     Parsing and type checking happen in pydantic-core (Rust) with strict types: no Python float per pixel is
     checked by hand, booleans and numeric strings are refused, and NaN/Infinity are refused.
     """
+    fast = _common_case(body) if common_case else None  # off only in the tests that compare the two parsers
+    if fast is not None:
+        if len(fast) > max_instances:
+            raise _too_many(len(fast), max_instances)
+        try:
+            return to_image_batch(fast)
+        except PixelError as exc:
+            raise ApiError(422, "invalid_input", f"{format_loc(exc.loc)}: {exc.message}", loc=exc.loc) from None
     # Try the layout the body evidently uses first: a failed strict parse of 28 rows builds 28+ error objects.
     first, second = (_NestedRequest, _FlatRequest) if _NESTED.search(body, 0, 256) else (_FlatRequest, _NestedRequest)
     try:
@@ -91,10 +100,7 @@ def parse_predict_body(body: bytes, *, max_instances: int) -> np.ndarray:
     if not data:
         raise ApiError(422, "invalid_input", "instances: at least one instance is required", loc=["instances"])
     if len(data) > max_instances:
-        raise ApiError(
-            422, "too_many_instances", f"instances: {len(data)} images in one request, the limit is {max_instances}",
-            loc=["instances"],
-        )  # fmt: skip
+        raise _too_many(len(data), max_instances)
     try:
         pixels = np.array(data, dtype=np.float64)  # range-checked before the cast to float32
     except ValueError:
@@ -103,6 +109,37 @@ def parse_predict_body(body: bytes, *, max_instances: int) -> np.ndarray:
         return to_image_batch(pixels)
     except PixelError as exc:
         raise ApiError(422, "invalid_input", f"{format_loc(exc.loc)}: {exc.message}", loc=exc.loc) from None
+
+
+def _common_case(body: bytes) -> np.ndarray | None:
+    """A well-formed body of numbers as a float64 array, via orjson and one numpy conversion (a third of the strict
+    parser's time); None for anything else, which then goes through the strict parser, the reference.
+
+    It accepts only what the strict parser accepts, with the same values: one "instances" key holding lists of
+    numbers nested 2 or 3 deep. JSON booleans would pass numpy as 1.0 and 0.0, and an escaped key could hide a
+    duplicate, so bodies with either are left to the strict parser; so are NaN and Infinity, which orjson refuses.
+    """
+    if b"true" in body or b"false" in body or b"\\" in body:
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict or len(data) != 1 or type(data.get("instances")) is not list:
+        return None
+    try:
+        pixels = np.array(data["instances"])
+    except (ValueError, TypeError, OverflowError):  # ragged, or an integer past 64 bits
+        return None
+    if pixels.ndim not in (2, 3) or pixels.dtype.kind not in "iuf":
+        return None
+    return pixels.astype(np.float64, copy=False)
+
+
+def _too_many(count: int, limit: int) -> ApiError:
+    return ApiError(
+        422, "too_many_instances", f"instances: {count} images in one request, the limit is {limit}", loc=["instances"]
+    )
 
 
 def _explain(flat: ValidationError, nested: ValidationError) -> ApiError:

@@ -194,6 +194,26 @@ def test_v1_matches_the_reference_and_blames_the_edited_pixel(case: tuple[Any, t
         assert got.message.startswith(f"instances[{where[0]}]")
 
 
+def strict_v1(raw: bytes) -> np.ndarray | tuple[int, str, str, list[str | int]]:
+    """What the strict (pydantic) parser alone makes of a body: pixels, or the error's status, code, text and loc."""
+    try:
+        return parse_predict_body(raw, max_instances=MAX_INSTANCES, common_case=False)
+    except ApiError as exc:
+        return (exc.status, exc.code, exc.message, exc.loc)
+
+
+@SLOW
+@given(v1_bodies().map(lambda case: encode(case[0])) | st.binary(max_size=200) | JSON_VALUES.map(encode))
+def test_v1_common_case_parser_answers_exactly_like_the_strict_one(raw: bytes) -> None:
+    got, strict = parse_v1(raw), strict_v1(raw)
+    if isinstance(got, ApiError):
+        assert (got.status, got.code, got.message, got.loc) == strict
+    else:
+        assert isinstance(strict, np.ndarray)
+        np.testing.assert_array_equal(got, strict)
+        assert got.dtype == strict.dtype
+
+
 @FAST
 @given(
     hnp.arrays(
