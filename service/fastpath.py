@@ -7,12 +7,14 @@ the FastAPI route (`answer_predict`), the same checks in the same order, and the
 registered for OpenAPI and serves the requests when `fast_path` is off. `tests/integration/test_fast_path.py`
 checks that both answer byte for byte alike.
 
-It sits inside the metrics and body-limit middleware, so those apply unchanged.
+It sits inside the metrics and body-limit middleware, so those apply unchanged, and outside everything of
+FastAPI's (see `service.app.BnserveApp`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.deps import require_json
 from service.errors import ApiError, error_response, http_error_response
 from service.routes.v1 import answer_predict
+from service.state import ServingState
 
 logger = logging.getLogger("service.fastpath")
 
@@ -30,10 +33,11 @@ logger = logging.getLogger("service.fastpath")
 class PredictFastPath:
     """Serves POST to `route`'s path directly; everything else goes on to the app."""
 
-    def __init__(self, app: ASGIApp, *, route: APIRoute) -> None:
+    def __init__(self, app: ASGIApp, *, route: APIRoute, state: Callable[[], ServingState]) -> None:
         self.app = app
         self.route = route
         self.path = route.path
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
@@ -51,7 +55,7 @@ class PredictFastPath:
             content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
             require_json(content_type.decode("latin-1"))
             body = await _read_body(receive)
-            return await answer_predict(scope["app"].state.serving, body)
+            return await answer_predict(self.state(), body)
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message, exc.loc, exc.headers)
         except StarletteHTTPException as exc:  # the body limit's 413, raised from `receive` mid-body

@@ -17,7 +17,7 @@ from service.drift import DriftMonitor, DriftReport
 logger = logging.getLogger("service.predictor")
 
 DRIFT_CHUNK = 32  # images of small batches whose BN-input moments are computed together (see Predictor.predict)
-INLINE_DRIFT_IMAGES = 4  # batches this big compute their moments during the forward pass
+INLINE_DRIFT_IMAGES = DRIFT_CHUNK // 2  # batches this big compute their moments during the forward pass
 
 
 @dataclass(frozen=True)
