@@ -80,6 +80,10 @@ _STATUS_CODES = {
 }
 
 
+def api_error_response(exc: ApiError) -> Response:
+    return error_response(exc.status, exc.code, exc.message, exc.loc, exc.headers)
+
+
 def http_error_response(exc: StarletteHTTPException) -> Response:
     """Starlette's HTTP errors (404, 405, a 413 raised mid-body) in the one shape."""
     return error_response(
@@ -92,7 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.code, exc.message, exc.loc, exc.headers)
+        return api_error_response(exc)
 
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.deps import require_json
-from service.errors import ApiError, error_response, http_error_response
+from service.errors import ApiError, api_error_response, error_response, http_error_response
 from service.routes.v1 import answer_predict
 from service.state import ServingState
 
@@ -57,7 +57,7 @@ class PredictFastPath:
             body = await _read_body(receive)
             return await answer_predict(self.state(), body)
         except ApiError as exc:
-            return error_response(exc.status, exc.code, exc.message, exc.loc, exc.headers)
+            return api_error_response(exc)
         except StarletteHTTPException as exc:  # the body limit's 413, raised from `receive` mid-body
             return http_error_response(exc)
         except ClientDisconnect:

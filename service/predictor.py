@@ -91,11 +91,12 @@ class Predictor:
         """Run a few forward passes (and drift moments, not counted) so the first requests do not pay for lazy
         initialisation."""
         for n in batch_sizes:
+            blank = np.zeros((n, 1, 28, 28), np.float32)
             if self.recorder is None:
-                self._forward(np.zeros((n, 1, 28, 28), np.float32))
+                self._forward(blank)
                 continue
             with self.recorder.capture_inputs() as inputs:
-                self._forward(np.zeros((n, 1, 28, 28), np.float32))
+                self._forward(blank)
             with self._drift_lock, torch.inference_mode():
                 self.recorder.moments(inputs)
 
