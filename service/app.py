@@ -48,6 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             await state.batcher.stop()  # finishes every accepted request first
+            await state.close()
 
     app = BnserveApp(
         title="bnserve",

@@ -1,14 +1,13 @@
-"""The micro-batcher: one bounded queue, one inference thread, results back through futures."""
+"""The micro-batcher: one bounded queue, one dispatcher on the event loop, results back through futures."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -43,7 +42,6 @@ class _Item(Generic[P, R]):
     payload: P
     size: int
     future: asyncio.Future[R]
-    loop: asyncio.AbstractEventLoop
     enqueued: float
     deadline: float
 
@@ -53,28 +51,20 @@ def _expire(future: asyncio.Future[R], timeout: float) -> None:
         future.set_exception(DeadlineExceededError(f"no result within {timeout:g} s"))
 
 
-def _resolve(future: asyncio.Future[R], result: R | None, error: BaseException | None) -> None:
-    if future.done():  # the waiter gave up (deadline) or was cancelled (client went away)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]
-
-
 class MicroBatcher(Generic[P, R]):
-    """Groups concurrent requests into batched calls of `infer`, run on one dedicated thread.
+    """Groups concurrent requests into batched calls of `infer`, one call at a time.
 
-    The worker takes the oldest request, then every queued request that still fits in `max_batch_size` images.
-    With `max_batch_delay` = 0 it never waits: at low load a request runs alone at once, and under load the
-    queue fills while the previous batch runs, so batches grow by themselves. A positive delay makes the worker
-    wait up to that long for a fuller batch.
+    Everything here runs on the event loop: `infer` is a coroutine function that hands the batch to where the
+    forward pass runs (the inference worker process, see service/worker.py, or a thread) and awaits the result, so
+    the loop keeps accepting requests meanwhile. The dispatcher takes the oldest request, then every queued
+    request that still fits in `max_batch_size` images. With `max_batch_delay` = 0 it never waits: at low load a
+    request runs alone at once, and under load the queue fills while the previous batch runs, so batches grow by
+    themselves. A positive delay makes it wait up to that long for a fuller batch.
 
     `infer` gets the payloads of one batch, in queue order, and returns one result per payload. If it raises,
-    every request in that batch gets the exception. `after_batch`, if given, runs on the worker thread once the
-    batch's results are on their way to the waiters, so work there (drift statistics) adds no latency.
+    every request in that batch gets the exception.
 
-    >>> batcher = MicroBatcher(lambda xs: [x * 2 for x in xs], max_batch_size=32)
+    >>> batcher = MicroBatcher(in_thread(lambda xs: [x * 2 for x in xs]), max_batch_size=32)
     >>> batcher.start()
     >>> await batcher.submit(21, size=1, timeout=1.0)
     42
@@ -83,14 +73,13 @@ class MicroBatcher(Generic[P, R]):
 
     def __init__(
         self,
-        infer: Callable[[list[P]], Sequence[R]],
+        infer: Callable[[list[P]], Awaitable[Sequence[R]]],
         *,
         max_batch_size: int,
         max_batch_delay: float = 0.0,
         max_queue: int = 1024,
         observer: BatchObserver | None = None,
-        after_batch: Callable[[], None] | None = None,
-        name: str = "inference",
+        name: str = "batcher",
     ) -> None:
         if max_batch_size <= 0:
             raise ValueError("max_batch_size must be > 0")
@@ -103,41 +92,41 @@ class MicroBatcher(Generic[P, R]):
         self.max_batch_delay = max_batch_delay
         self.max_queue = max_queue
         self.observer = observer
-        self.after_batch = after_batch
+        self.name = name
         self._queue: deque[_Item[P, R]] = deque()
         self._queued_images = 0
-        self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._wake: asyncio.Future[None] | None = None  # set while the dispatcher waits for requests
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def queued_images(self) -> int:
         return self._queued_images
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the dispatcher on the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
     async def submit(self, payload: P, *, size: int, timeout: float) -> R:
         """Queue one request of `size` images and wait for its result, at most `timeout` seconds."""
+        if self._closed:
+            self._reject("shutting_down")
+            raise BatcherClosedError("the server is shutting down")
+        if self._queued_images + size > self.max_queue:
+            self._reject("queue_full")
+            raise QueueFullError(f"the inference queue is full ({self._queued_images} images waiting)")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        item: _Item[P, R] = _Item(payload, size, loop.create_future(), loop, now, now + timeout)
-        with self._cond:
-            if self._closed:
-                self._reject("shutting_down")
-                raise BatcherClosedError("the server is shutting down")
-            if self._queued_images + size > self.max_queue:
-                self._reject("queue_full")
-                raise QueueFullError(f"the inference queue is full ({self._queued_images} images waiting)")
-            self._queue.append(item)
-            self._queued_images += size
-            self._cond.notify()
+        item: _Item[P, R] = _Item(payload, size, loop.create_future(), now, now + timeout)
+        self._queue.append(item)
+        self._queued_images += size
+        self._notify()
         if self.observer:
             self.observer.queued(self._queued_images)
         # One timer per request, not wait_for + shield (three futures and a callback chain per request).
         timer = loop.call_later(timeout, _expire, item.future, timeout)
         try:
-            return await item.future  # the worker skips a future that is done (expired) or cancelled
+            return await item.future  # the dispatcher skips a future that is done (expired) or cancelled
         except DeadlineExceededError:
             self._reject("deadline")
             raise
@@ -145,46 +134,64 @@ class MicroBatcher(Generic[P, R]):
             timer.cancel()
 
     async def stop(self) -> None:
-        """Stop accepting, finish everything already accepted, then end the worker thread."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join)
+        """Stop accepting, finish everything already accepted, then end the dispatcher."""
+        self._closed = True
+        self._notify()
+        if self._task is not None:
+            await self._task
 
     def _reject(self, reason: str) -> None:
         if self.observer:
             self.observer.rejected(reason)
 
-    def _take_batch(self) -> list[_Item[P, R]] | None:
-        with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            batch = [self._queue.popleft()]
-            images = batch[0].size
-            gather_until = time.monotonic() + self.max_batch_delay
-            while images < self.max_batch_size:
-                if self._queue:
-                    if images + self._queue[0].size > self.max_batch_size:
-                        break
-                    item = self._queue.popleft()
-                    batch.append(item)
-                    images += item.size
-                    continue
-                remaining = gather_until - time.monotonic()
-                if remaining <= 0 or self._closed:
+    def _notify(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def _wait_for_requests(self, timeout: float | None = None) -> None:
+        self._wake = asyncio.get_running_loop().create_future()
+        try:
+            if timeout is None:
+                await self._wake
+            else:
+                await asyncio.wait([self._wake], timeout=timeout)
+        finally:
+            self._wake = None
+
+    async def _take_batch(self) -> list[_Item[P, R]] | None:
+        while not self._queue:
+            if self._closed:
+                return None
+            await self._wait_for_requests()
+        batch = [self._queue.popleft()]
+        images = batch[0].size
+        gather_until = time.monotonic() + self.max_batch_delay
+        while images < self.max_batch_size:
+            if self._queue:
+                if images + self._queue[0].size > self.max_batch_size:
                     break
-                self._cond.wait(remaining)
-            self._queued_images -= images
-            return batch
+                item = self._queue.popleft()
+                batch.append(item)
+                images += item.size
+                continue
+            remaining = gather_until - time.monotonic()
+            if remaining <= 0 or self._closed:
+                break
+            await self._wait_for_requests(remaining)
+        self._queued_images -= images
+        return batch
 
-    def _run(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            self._process(batch)
+    async def _run(self) -> None:
+        while (batch := await self._take_batch()) is not None:
+            try:
+                await self._process(batch)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:  # the dispatcher must outlive any batch
+                logger.exception("batch dispatch failed")
 
-    def _process(self, batch: list[_Item[P, R]]) -> None:
+    async def _process(self, batch: list[_Item[P, R]]) -> None:
         now = time.monotonic()
         live = [it for it in batch if not it.future.done() and it.deadline > now]
         if self.observer:
@@ -193,29 +200,30 @@ class MicroBatcher(Generic[P, R]):
             return
         started = time.perf_counter()
         try:
-            results = list(self.infer([it.payload for it in live]))
+            results = await self.infer([it.payload for it in live])
             if len(results) != len(live):
                 raise RuntimeError(f"infer returned {len(results)} results for {len(live)} requests")
-            outcomes: list[tuple[R | None, BaseException | None]] = [(r, None) for r in results]
         except Exception as exc:  # every request of the batch gets the error
-            logger.exception("batched forward pass failed for %d requests", len(live))
-            outcomes = [(None, exc)] * len(live)
+            logger.error("batched forward pass failed for %d requests: %s", len(live), exc, exc_info=exc)
+            for it in live:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+        else:
+            for it, result in zip(live, results, strict=True):
+                if not it.future.done():  # the waiter gave up (deadline) or went away (cancelled)
+                    it.future.set_result(result)
         if self.observer:
-            waits = [now - it.enqueued for it in live]
-            self.observer.batch_done(sum(it.size for it in live), waits, time.perf_counter() - started)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[R], R | None, BaseException | None]]] = {}
-        for it, (res, err) in zip(live, outcomes, strict=True):
-            by_loop.setdefault(it.loop, []).append((it.future, res, err))
-        for loop, settle in by_loop.items():  # one wake-up of each event loop per batch
-            with contextlib.suppress(RuntimeError):  # a closed loop has nobody waiting any more
-                loop.call_soon_threadsafe(_settle_all, settle)
-        if self.after_batch is not None:
-            try:
-                self.after_batch()
-            except Exception:  # bookkeeping must never stop the worker
-                logger.exception("after-batch work failed")
+            self.observer.batch_done(sum(it.size for it in live), [now - it.enqueued for it in live],
+                                     time.perf_counter() - started)  # fmt: skip
 
 
-def _settle_all(settle: list[tuple[asyncio.Future[R], R | None, BaseException | None]]) -> None:
-    for future, result, error in settle:
-        _resolve(future, result, error)
+def in_thread(
+    fn: Callable[[list[P]], Sequence[R]], name: str = "inference"
+) -> Callable[[list[P]], Awaitable[Sequence[R]]]:
+    """An `infer` for MicroBatcher that runs a blocking `fn` on one dedicated thread (calls run one at a time)."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    async def infer(payloads: list[P]) -> Sequence[R]:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, payloads)
+
+    return infer

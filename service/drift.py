@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,14 @@ class DriftReport:
                             "definition": "max over layers of score / threshold"},
             "layers": [layer.to_dict() for layer in self.layers],
         }  # fmt: skip
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain fields (JSON-safe), for the trip from the inference worker; `from_wire` rebuilds the report."""
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> DriftReport:
+        return cls(**{**wire, "layers": [LayerReport(**layer) for layer in wire["layers"]]})
 
 
 class DriftMonitor:

@@ -123,6 +123,9 @@ class Metrics:
             buckets=CONFIDENCE_BUCKETS,
             registry=r,
         )
+        self.worker_restarts = Counter(
+            "bnserve_inference_worker_restarts", "inference worker processes replaced after they died", registry=r
+        )
         self.reloads = Counter("bnserve_model_reloads", "model reload attempts by result", ["result"], registry=r)
 
     def watch(self, view: Callable[[], ModelView | None]) -> None:

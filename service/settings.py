@@ -32,6 +32,10 @@ class Settings(BaseSettings):
         True, description="serve POST /v1/predict in pure ASGI, past FastAPI's routing (same answers, less CPU)"
     )
 
+    inference_process: bool = Field(
+        True, description="run the model in an inference worker process (no GIL shared with HTTP); false: a thread"
+    )
+
     # Micro-batching.
     max_batch_size: int = Field(64, ge=1, description="most images in one forward pass")
     max_batch_delay: float = Field(0.0, ge=0.0, le=1.0, description="seconds to wait for a fuller batch (0: never)")

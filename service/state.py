@@ -1,42 +1,53 @@
-"""What one running app holds: settings, metrics, the current predictor, the batcher; and model (re)loading."""
+"""What one running app holds: settings, metrics, the served model, the batcher; model (re)loading and restarts."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 
 import numpy as np
-import torch
 
-from model.artifact import ArtifactError
+from model.artifact import ArtifactError, read_meta
 from service.batching import BatcherClosedError, DeadlineExceededError, MicroBatcher, QueueFullError
+from service.drift import DriftReport
 from service.errors import ApiError
 from service.metrics import Metrics, MetricsObserver, ModelView
-from service.predictor import Prediction, Predictor
+from service.predictor import Prediction
 from service.settings import Settings
+from service.worker import LocalModel, ModelConfig, ServedModel, WorkerDiedError, WorkerModel
 
 logger = logging.getLogger("service.state")
 
+RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # seconds between attempts to replace a dead worker
+
+
+def _restarting() -> ApiError:
+    return ApiError(
+        503, "worker_restarting", "the inference worker stopped and a new one is starting; retry shortly",
+        headers={"Retry-After": "2"},
+    )  # fmt: skip
+
 
 class ServingState:
-    """The app's live state. `predictor` is swapped atomically by a reload; a batch reads it once."""
+    """The app's live state. `predictor` (the served model) is swapped atomically by a reload; a batch reads it once."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.predictor: Predictor | None = None
+        self.predictor: ServedModel | None = None
         self.load_error: str | None = None
         self._reload_lock = asyncio.Lock()
-        self._last_predictor: Predictor | None = None  # the model of the last batch, for _after_batch
+        self._restart: asyncio.Task[None] | None = None
+        self._scraped_drift: DriftReport | None = None  # fetched by /metrics just before each exposition
         self.batcher: MicroBatcher[np.ndarray, Prediction] = MicroBatcher(
             self._infer,
             max_batch_size=settings.max_batch_size,
             max_batch_delay=settings.max_batch_delay,
             max_queue=max(settings.max_queue_images, settings.max_batch_size),
             observer=MetricsObserver(metrics),
-            after_batch=self._after_batch,
         )
         metrics.watch(self.view)
 
@@ -44,37 +55,43 @@ class ServingState:
         p = self.predictor
         if p is None:
             return None
-        drift = p.drift_report()
-        return ModelView(name=p.name, version=p.version, sha256=p.artifact.sha256, drift=drift)
+        return ModelView(name=p.name, version=p.version, sha256=p.sha256, drift=self._scraped_drift)
 
-    def require_predictor(self) -> Predictor:
+    async def refresh_drift(self) -> None:
+        """Fetch the current drift report (from the inference worker) for the next metrics exposition."""
+        p = self.predictor
+        report = None
+        if p is not None and p.alive:
+            with contextlib.suppress(WorkerDiedError):
+                report = await p.drift_report()
+        self._scraped_drift = report
+
+    def require_predictor(self) -> ServedModel:
         p = self.predictor
         if p is None:
             raise ApiError(503, "not_ready", "the model is not loaded yet", headers={"Retry-After": "1"})
+        if not p.alive:
+            raise _restarting()
         return p
 
-    def _infer(self, payloads: list[np.ndarray]) -> list[Prediction]:
-        """Runs on the inference thread: one forward pass for the whole batch, split back per request."""
-        predictor = self.predictor  # read once: the whole batch runs on the same model
-        if predictor is None:
+    async def _infer(self, payloads: list[np.ndarray]) -> list[Prediction]:
+        """One forward pass for the whole batch (in the inference worker), split back per request."""
+        model = self.predictor  # read once: the whole batch runs on the same model
+        if model is None:
             raise RuntimeError("no model loaded")
-        pixels = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
-        probs = predictor.predict(pixels)
-        self._last_predictor = predictor
+        try:
+            probs = await model.predict(payloads)
+        except WorkerDiedError:
+            raise _restarting() from None
         top = probs.argmax(axis=1)
         for cls, count in zip(*np.unique(top, return_counts=True), strict=True):
-            self.metrics.predictions.labels(predictor.class_names[int(cls)]).inc(int(count))
-        for p in probs.max(axis=1):
-            self.metrics.confidence.observe(float(p))
+            self.metrics.predictions.labels(model.class_names[int(cls)]).inc(int(count))
+        for p in probs.max(axis=1).tolist():
+            self.metrics.confidence.observe(p)
         bounds = np.cumsum([len(p) for p in payloads])[:-1]
-        return [Prediction(part, predictor.version) for part in np.split(probs, bounds)]
+        return [Prediction(part, model.version) for part in np.split(probs, bounds)]
 
-    def _after_batch(self) -> None:
-        """Runs on the inference thread once a batch's results are out: the drift statistics."""
-        if self._last_predictor is not None:
-            self._last_predictor.record_drift()
-
-    async def predict(self, pixels: np.ndarray) -> tuple[Predictor, Prediction]:
+    async def predict(self, pixels: np.ndarray) -> tuple[ServedModel, Prediction]:
         """Queue images for the batcher and wait; batcher refusals become 503/504 errors."""
         predictor = self.require_predictor()
         try:
@@ -87,37 +104,40 @@ class ServingState:
             raise ApiError(504, "deadline_exceeded", str(exc)) from None
         return predictor, result
 
-    def _build_predictor(self) -> Predictor:
+    async def _start_model(self) -> ServedModel:
         s = self.settings
-        # On a shared box, spinning OpenMP workers on every core starve the event loop: measured in bench/README.md.
-        torch.set_num_threads(s.torch_threads or max(1, (os.cpu_count() or 2) // 2))
-        window = s.drift_window if s.drift_enabled else None
-        predictor = Predictor.load(s.artifact_dir, drift_window=window, top_channels=s.drift_top_channels)
-        predictor.warmup()
-        return predictor
+        read_meta(s.artifact_dir)  # a missing or unreadable model.json fails here, before a worker starts
+        config = ModelConfig(
+            artifact_dir=str(s.artifact_dir),
+            drift_window=s.drift_window if s.drift_enabled else None,
+            top_channels=s.drift_top_channels,
+            # On a shared box, spinning OpenMP workers on every core starve the event loop (bench/README.md).
+            torch_threads=s.torch_threads or max(1, (os.cpu_count() or 2) // 2),
+            capacity=max(s.max_batch_size, s.max_instances),
+            log_level=s.log_level,
+        )
+        if s.inference_process:
+            return await WorkerModel.start(config, on_exit=self._worker_exited)
+        return await LocalModel.start(config)
 
     async def load_initial(self) -> None:
         try:
-            self.predictor = await asyncio.to_thread(self._build_predictor)
+            self.predictor = await self._start_model()
         except (ArtifactError, ValueError, OSError) as exc:
             self.load_error = str(exc)
             logger.error("could not load the model: %s", exc)
             return
         self.load_error = None
         gc.collect()
-        gc.freeze()  # the model's long-lived objects leave the GC's scans, shortening pauses on the request path
-        logger.info(
-            "serving %s version %s (sha256 %s…)",
-            self.predictor.name,
-            self.predictor.version,
-            self.predictor.artifact.sha256[:12],
-        )
+        gc.freeze()  # long-lived objects leave the GC's scans, shortening pauses on the request path
+        p = self.predictor
+        logger.info("serving %s version %s (sha256 %s…)", p.name, p.version, p.sha256[:12])
 
-    async def reload(self) -> Predictor:
+    async def reload(self) -> ServedModel:
         """Load and verify the artifact beside the current model, then swap. On failure the old model stays."""
         async with self._reload_lock:
             try:
-                new = await asyncio.to_thread(self._build_predictor)
+                new = await self._start_model()
             except (ArtifactError, ValueError, OSError) as exc:
                 self.metrics.reloads.labels("failure").inc()
                 logger.error("reload refused, keeping the current model: %s", exc)
@@ -128,4 +148,40 @@ class ServingState:
             self.load_error = None
             self.metrics.reloads.labels("success").inc()
             logger.info("reloaded: %s → %s", old.version if old else None, new.version)
-            return new
+        if old is not None:
+            await old.close()  # after the batch it may be running
+        return new
+
+    def _worker_exited(self, model: ServedModel) -> None:
+        """(On the event loop.) The worker of `model` died: if it is the one serving, start a replacement."""
+        if model is self.predictor and self._restart is None:
+            self.metrics.worker_restarts.inc()
+            self._restart = asyncio.get_running_loop().create_task(self._replace_dead(model))
+
+    async def _replace_dead(self, dead: ServedModel) -> None:
+        try:
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    async with self._reload_lock:
+                        if self.predictor is not dead:  # a reload got there first
+                            return
+                        self.predictor = await self._start_model()
+                    logger.info("inference worker replaced (attempt %d)", attempt)
+                    await dead.close()
+                    return
+                except (ArtifactError, ValueError, OSError) as exc:
+                    logger.error("could not restart the inference worker (attempt %d): %s", attempt, exc)
+                    await asyncio.sleep(RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF)) - 1])
+        finally:
+            self._restart = None
+
+    async def close(self) -> None:
+        """(At shutdown, after the batcher drained.) Stop restarting and release the model."""
+        if self._restart is not None:
+            self._restart.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restart
+        if self.predictor is not None:
+            await self.predictor.close()

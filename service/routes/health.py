@@ -30,10 +30,15 @@ async def readyz(state: StateDep) -> Response:
     if p is None:
         reason = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
         return error_response(503, "not_ready", reason, headers={"Retry-After": "1"})
+    if not p.alive:
+        return error_response(
+            503, "worker_restarting", "the inference worker is restarting", headers={"Retry-After": "2"}
+        )
     return OrjsonResponse({"status": "ready", "model": p.ref})
 
 
 @router.get("/metrics", response_class=Response)
 async def metrics(state: StateDep) -> Response:
     """Prometheus text exposition of this process's metrics."""
+    await state.refresh_drift()
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -15,10 +15,11 @@ from starlette.formparsers import MultiPartException
 from model.image import ImageError, preprocess_image_bytes
 from service.deps import AdminDep, JsonBody, StateDep
 from service.errors import ApiError, error_responses
-from service.predictor import Prediction, Predictor
+from service.predictor import Prediction
 from service.responses import OrjsonResponse
 from service.schemas import ImagePredictResponse, PredictRequest, PredictResponse, parse_predict_body
 from service.state import ServingState
+from service.worker import ServedModel
 
 router = APIRouter(prefix="/v1")
 
@@ -34,7 +35,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return error_responses(_V1_ERRORS, *codes)
 
 
-def _body(predictor: Predictor, prediction: Prediction, names: list[str] | None = None) -> dict[str, Any]:
+def _body(predictor: ServedModel, prediction: Prediction, names: list[str] | None = None) -> dict[str, Any]:
     probs = prediction.probabilities
     labels = probs.argmax(axis=1)
     preds = []
@@ -134,7 +135,7 @@ async def predict_image(request: Request, state: StateDep) -> OrjsonResponse:
 async def drift(state: StateDep) -> OrjsonResponse:
     """Per-layer BN-statistic drift of the current window against the training references."""
     predictor = state.require_predictor()
-    report = await asyncio.to_thread(predictor.drift_report)  # may first fold in the images not yet counted
+    report = await predictor.drift_report()
     if report is None:
         return OrjsonResponse({"enabled": False, "model": predictor.ref})
     return OrjsonResponse({"enabled": True, "model": predictor.ref, **report.to_dict()})
@@ -150,7 +151,7 @@ async def drift(state: StateDep) -> OrjsonResponse:
 async def drift_reset(state: StateDep) -> OrjsonResponse:
     """Start a new, empty drift window (bearer token; 404 when admin is disabled)."""
     predictor = state.require_predictor()
-    predictor.reset_drift()
+    await predictor.reset_drift()
     return OrjsonResponse({"status": "reset", "model": predictor.ref})
 
 
@@ -165,5 +166,5 @@ async def admin_reload(state: StateDep) -> OrjsonResponse:
     """Reload the artifact: verify it beside the current model, then swap atomically (bearer token)."""
     new = await state.reload()
     return OrjsonResponse(
-        {"status": "reloaded", "model": {"name": new.name, "version": new.version, "sha256": new.artifact.sha256}}
+        {"status": "reloaded", "model": {"name": new.name, "version": new.version, "sha256": new.sha256}}
     )

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from model.preprocess import IMAGE_SIDE
 from service.deps import JsonBody, StateDep
 from service.errors import ApiError, error_responses
-from service.predictor import Prediction, Predictor
+from service.predictor import Prediction
 from service.responses import OrjsonResponse
 from service.state import ServingState
 from service.v2_protocol import (
@@ -26,11 +26,12 @@ from service.v2_protocol import (
     parse_infer_body,
     show_value,
 )
+from service.worker import ServedModel
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 
-def _infer_body(predictor: Predictor, prediction: Prediction, parsed: ParsedInference) -> dict[str, Any]:
+def _infer_body(predictor: ServedModel, prediction: Prediction, parsed: ParsedInference) -> dict[str, Any]:
     probs = prediction.probabilities  # (N, classes) float32
     tensors = {
         "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape), "data": probs.ravel()},
@@ -43,7 +44,7 @@ def _infer_body(predictor: Predictor, prediction: Prediction, parsed: ParsedInfe
     return body
 
 
-def _model(state: ServingState, name: str, version: str | None) -> Predictor:
+def _model(state: ServingState, name: str, version: str | None) -> ServedModel:
     """The served model if `name` (and `version`, when given) is it; 404 otherwise, 503 while none is loaded."""
     predictor = state.require_predictor()
     if name != predictor.name:
@@ -58,7 +59,7 @@ def _model(state: ServingState, name: str, version: str | None) -> Predictor:
     return predictor
 
 
-def _model_metadata(p: Predictor) -> dict[str, Any]:
+def _model_metadata(p: ServedModel) -> dict[str, Any]:
     return {
         "name": p.name,
         "versions": [p.version],

@@ -7,23 +7,23 @@ from collections.abc import Sequence
 
 import pytest
 
-from service.batching import BatcherClosedError, DeadlineExceededError, MicroBatcher, QueueFullError
+from service.batching import BatcherClosedError, DeadlineExceededError, MicroBatcher, QueueFullError, in_thread
 
 
 class Recorder:
-    """A real infer function that records the batches it was given (and can be slowed or made to fail)."""
+    """A real infer function that records the batches it was given (and can be held, slowed or made to fail)."""
 
     def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
         self.batches: list[list[int]] = []
         self.delay = delay
         self.fail_on = fail_on
-        self.gate = threading.Event()
+        self.gate = asyncio.Event()
         self.gate.set()
 
-    def __call__(self, payloads: list[int]) -> Sequence[int]:
-        self.gate.wait(10)
+    async def __call__(self, payloads: list[int]) -> Sequence[int]:
+        await asyncio.wait_for(self.gate.wait(), 10)
         self.batches.append(list(payloads))
-        time.sleep(self.delay)
+        await asyncio.sleep(self.delay)
         if self.fail_on is not None and self.fail_on in payloads:
             raise ValueError(f"bad payload {self.fail_on}")
         return [p * 10 for p in payloads]
@@ -167,18 +167,51 @@ def test_constructor_validates() -> None:
         MicroBatcher(Recorder(), max_batch_size=8, max_queue=4)
 
 
-async def test_after_batch_runs_once_the_results_are_out_and_never_stops_the_worker() -> None:
-    infer = Recorder()
-    seen: list[list[int]] = []
+async def test_in_thread_runs_blocking_infer_off_the_event_loop_one_call_at_a_time() -> None:
+    threads: set[str] = set()
+    running = 0
+    overlapped = False
 
-    def after() -> None:
-        seen.append(list(infer.batches[-1]))
-        if len(seen) == 1:
-            raise RuntimeError("bookkeeping failed")  # logged; the worker goes on
+    def blocking(payloads: list[int]) -> list[int]:
+        nonlocal running, overlapped
+        running += 1
+        overlapped |= running > 1
+        threads.add(threading.current_thread().name)
+        time.sleep(0.05)  # a forward pass: blocks its thread, not the loop
+        running -= 1
+        return [p + 1 for p in payloads]
 
-    batcher = MicroBatcher(infer, max_batch_size=4, after_batch=after)
+    batcher = MicroBatcher(in_thread(blocking), max_batch_size=2)
     batcher.start()
-    assert await batcher.submit(1, size=1, timeout=5) == 10
-    assert await batcher.submit(2, size=1, timeout=5) == 20  # the worker survived the failing after_batch
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    tick_task = asyncio.create_task(ticker())
+    results = await asyncio.gather(*(batcher.submit(i, size=1, timeout=5) for i in range(6)))
+    tick_task.cancel()
     await batcher.stop()
-    assert seen == [[1], [2]]
+    assert results == [1, 2, 3, 4, 5, 6]
+    assert len(threads) == 1 and threading.current_thread().name not in threads
+    assert not overlapped, "calls of infer never overlap"
+    assert ticks >= 10, "the event loop kept running during the ~150 ms of blocking calls"
+
+
+async def test_a_failing_dispatch_never_stops_the_batcher() -> None:
+    calls = 0
+
+    async def wrong_length(payloads: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        return [] if calls == 1 else list(payloads)
+
+    batcher = MicroBatcher(wrong_length, max_batch_size=4)
+    batcher.start()
+    with pytest.raises(RuntimeError, match="infer returned 0 results for 1 requests"):
+        await batcher.submit(1, size=1, timeout=5)
+    assert await batcher.submit(2, size=1, timeout=5) == 2
+    await batcher.stop()

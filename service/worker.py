@@ -1,0 +1,379 @@
+"""Where the forward pass runs: an inference worker process (the default), or a thread of this process.
+
+Why a process: the event loop (HTTP, JSON, responses) and an inference thread share one GIL, and every torch call
+gives it up and takes it back. Under load that made a 32-image forward pass take 113 ms instead of 6.6 ms
+(bench/README.md). The worker process owns the model, runs the forward pass with the drift hooks inside it and
+keeps the drift window; the event loop's process only moves bytes:
+
+- pixels: the parent writes each batch into a shared-memory region (a file in /dev/shm, mapped by both sides);
+- requests and replies: one pipe, one message each way per batch (`PREDICT n` → `OK` + the float32
+  probabilities). The parent reads replies from the event loop (`add_reader`), so no thread of its own waits.
+
+One call is in flight at a time (the batcher sends one batch at a time). Drift statistics of small batches are
+folded in after the reply has gone, so they never delay an answer. If the worker dies, the batch in flight gets
+`WorkerDiedError` and the owner (ServingState) starts a new worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import mmap
+import multiprocessing
+import os
+import signal
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from model.artifact import ArtifactError
+from model.preprocess import IMAGE_SIDE
+from service.drift import DriftReport
+from service.predictor import Predictor
+
+logger = logging.getLogger("service.worker")
+
+IMAGE_FLOATS = IMAGE_SIDE * IMAGE_SIDE
+START_TIMEOUT = 120.0  # seconds for the worker to load, verify and warm up the model
+STOP_TIMEOUT = 10.0
+
+# One byte of operation, then its arguments; replies are OK or FAILED + a message.
+PREDICT, DRIFT, RESET, QUIT = b"P", b"D", b"R", b"Q"
+READY, OK, FAILED = b"r", b"o", b"f"
+
+
+class WorkerDiedError(RuntimeError):
+    """The inference worker process exited; the call that was in flight has no answer."""
+
+
+class WorkerError(RuntimeError):
+    """The worker answered a call with an error (a failed forward pass: a server bug, never the client's input)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What it takes to load the served model, wherever it runs. Plain values: it crosses to the worker."""
+
+    artifact_dir: str
+    drift_window: int | None
+    top_channels: int
+    torch_threads: int
+    capacity: int  # most images in one forward pass (the shared region holds this many)
+    log_level: str = "info"
+
+
+def load_predictor(config: ModelConfig) -> Predictor:
+    """Load, verify, self-test and warm up the model; raises ArtifactError (or ValueError, OSError)."""
+    torch.set_num_threads(config.torch_threads)
+    predictor = Predictor.load(
+        Path(config.artifact_dir), drift_window=config.drift_window, top_channels=config.top_channels
+    )
+    predictor.warmup()
+    return predictor
+
+
+class ServedModel(ABC):
+    """The model being served, as the routes and the batcher see it, wherever its forward pass runs."""
+
+    def __init__(self, name: str, version: str, sha256: str, class_names: list[str]) -> None:
+        self.name = name
+        self.version = version
+        self.sha256 = sha256
+        self.class_names = class_names
+
+    @property
+    def ref(self) -> dict[str, str]:
+        """How responses name this model: {"name": ..., "version": ...}."""
+        return {"name": self.name, "version": self.version}
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    @abstractmethod
+    async def predict(self, payloads: list[np.ndarray]) -> np.ndarray:
+        """One forward pass over the requests' images, in order: (Σ N, 1, 28, 28) → (Σ N, classes) float32."""
+
+    @abstractmethod
+    async def drift_report(self) -> DriftReport | None:
+        """The drift report over every image answered so far (None without monitoring)."""
+
+    @abstractmethod
+    async def reset_drift(self) -> None:
+        """Start a new, empty drift window."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish the call in flight, then release the model."""
+
+
+class LocalModel(ServedModel):
+    """The model on one thread of this process (`BNSERVE_INFERENCE_PROCESS=false`): simpler, shares the GIL."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        super().__init__(predictor.name, predictor.version, predictor.artifact.sha256, predictor.class_names)
+        self.predictor = predictor
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+
+    @classmethod
+    async def start(cls, config: ModelConfig) -> LocalModel:
+        return cls(await asyncio.to_thread(load_predictor, config))
+
+    async def predict(self, payloads: list[np.ndarray]) -> np.ndarray:
+        pixels = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
+        probs = await asyncio.get_running_loop().run_in_executor(self._executor, self.predictor.predict, pixels)
+        self._executor.submit(self.predictor.record_drift)  # after the answer and before the next batch (FIFO)
+        return probs
+
+    async def drift_report(self) -> DriftReport | None:
+        return await asyncio.to_thread(self.predictor.drift_report)  # may first fold in images not yet counted
+
+    async def reset_drift(self) -> None:
+        await asyncio.to_thread(self.predictor.reset_drift)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, True)
+
+
+def _shared_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _map_pixels(path: str, capacity: int, *, create: bool) -> tuple[mmap.mmap, np.ndarray]:
+    size = capacity * IMAGE_FLOATS * 4
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        region = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    return region, np.frombuffer(region, np.float32).reshape(capacity, 1, IMAGE_SIDE, IMAGE_SIDE)
+
+
+class WorkerModel(ServedModel):
+    """The model in an inference worker process; see the module docstring.
+
+    >>> model = await WorkerModel.start(config, on_exit=lambda m: ...)
+    >>> probs = await model.predict([pixels_a, pixels_b])
+    >>> await model.close()
+    """
+
+    def __init__(
+        self, info: dict[str, Any], config: ModelConfig, process: Any, conn: Connection, region: mmap.mmap,
+        pixels: np.ndarray, on_exit: Callable[[WorkerModel], None] | None,
+    ) -> None:  # fmt: skip
+        super().__init__(info["name"], info["version"], info["sha256"], list(info["class_names"]))
+        self.pid: int = process.pid
+        self._config = config
+        self._process = process
+        self._conn = conn
+        self._region = region
+        self._pixels = pixels
+        self._on_exit = on_exit
+        self._lock = asyncio.Lock()
+        self._inflight: asyncio.Future[bytes] | None = None
+        self._alive = True
+        self._closing = False
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(conn.fileno(), self._readable)
+
+    @classmethod
+    async def start(cls, config: ModelConfig, on_exit: Callable[[WorkerModel], None] | None = None) -> WorkerModel:
+        """Start a worker and wait until its model is loaded, verified and warmed up; ArtifactError if it cannot."""
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs threads and an event loop
+        fd, path = tempfile.mkstemp(prefix="bnserve-pixels-", dir=_shared_dir())
+        os.close(fd)
+        try:
+            region, pixels = _map_pixels(path, config.capacity, create=True)
+            parent, child = ctx.Pipe()
+            process = ctx.Process(
+                target=_worker_main, args=(child, path, config), name="bnserve-inference", daemon=True
+            )
+            await asyncio.to_thread(process.start)
+            child.close()  # only the worker holds its end now, so its exit reads as EOF here
+            info = await asyncio.to_thread(_await_ready, parent, process)
+        finally:
+            os.unlink(path)  # both sides have mapped it; the memory lives until both unmap it
+        logger.info("inference worker pid %d serves %s version %s", process.pid, info["name"], info["version"])
+        return cls(info, config, process, parent, region, pixels, on_exit)
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    async def predict(self, payloads: list[np.ndarray]) -> np.ndarray:
+        images = sum(len(p) for p in payloads)
+        capacity = self._config.capacity
+        if images > capacity:  # only when one request holds more images than a batch may: run it in parts
+            pixels = np.concatenate(payloads)
+            return np.concatenate([await self.predict([pixels[i : i + capacity]]) for i in range(0, images, capacity)])
+        async with self._lock:
+            await self._settle_abandoned()
+            if len(payloads) == 1:
+                self._pixels[:images] = payloads[0]
+            else:
+                np.concatenate(payloads, out=self._pixels[:images])
+            reply = await self._call(PREDICT + images.to_bytes(4, "little"))
+        return np.frombuffer(reply, np.float32, offset=1).reshape(images, len(self.class_names))
+
+    async def drift_report(self) -> DriftReport | None:
+        async with self._lock:
+            await self._settle_abandoned()
+            reply = await self._call(DRIFT)
+        wire = orjson.loads(reply[1:])
+        return None if wire is None else DriftReport.from_wire(wire)
+
+    async def reset_drift(self) -> None:
+        async with self._lock:
+            await self._settle_abandoned()
+            await self._call(RESET)
+
+    async def close(self) -> None:
+        """Let the call in flight finish, ask the worker to exit, and make sure it did."""
+        self._closing = True
+        async with self._lock:
+            await self._settle_abandoned()
+            if self._alive:
+                with contextlib.suppress(WorkerDiedError, WorkerError, OSError, TimeoutError):
+                    await asyncio.wait_for(self._call(QUIT), STOP_TIMEOUT)
+            self._detach()
+        await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
+        if self._process.is_alive():
+            logger.warning("inference worker pid %d did not exit; killing it", self.pid)
+            self._process.kill()
+            await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
+        self._conn.close()
+        with contextlib.suppress(BufferError):  # a view still referenced elsewhere keeps the mapping alive
+            del self._pixels
+            self._region.close()
+
+    async def _call(self, message: bytes) -> bytes:
+        """(Holding the lock.) Send one message and wait for its reply."""
+        if not self._alive:
+            raise WorkerDiedError(f"the inference worker (pid {self.pid}) is not running")
+        try:
+            self._conn.send_bytes(message)
+        except OSError:  # a broken pipe: the worker died and its EOF has not been read yet
+            self._exited()
+            raise WorkerDiedError(f"the inference worker (pid {self.pid}) is not running") from None
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        self._inflight = future  # the reply can only be read once this coroutine yields
+        # shielded: a caller that is cancelled leaves the reply to _settle_abandoned, so replies never mismatch
+        reply = await asyncio.shield(future)
+        if reply[:1] == FAILED:
+            raise WorkerError(reply[1:].decode(errors="replace"))
+        return reply
+
+    async def _settle_abandoned(self) -> None:
+        """(Holding the lock.) Wait for the reply to a call whose caller was cancelled."""
+        if self._inflight is not None and not self._inflight.done():
+            with contextlib.suppress(Exception):
+                await self._inflight
+
+    def _readable(self) -> None:
+        try:
+            reply = self._conn.recv_bytes()
+        except (EOFError, OSError):
+            self._exited()
+            return
+        future, self._inflight = self._inflight, None
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    def _detach(self) -> None:
+        if self._alive:
+            self._alive = False
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._conn.fileno())
+
+    def _exited(self) -> None:
+        if not self._alive:
+            return
+        self._detach()
+        code = self._process.exitcode  # None if not reaped yet: close() joins it later, off the event loop
+        error = WorkerDiedError(
+            f"the inference worker (pid {self.pid}) exited" + ("" if code is None else f" with code {code}")
+        )
+        future, self._inflight = self._inflight, None
+        if future is not None and not future.done():
+            future.set_exception(error)
+        if not self._closing:
+            logger.error("%s", error)
+            if self._on_exit is not None:
+                self._on_exit(self)
+
+
+def _await_ready(conn: Connection, process: Any) -> dict[str, Any]:
+    """(On a thread, at start.) The worker's first message: its model's identity, or why it could not load."""
+    try:
+        if not conn.poll(START_TIMEOUT):
+            raise ArtifactError(f"the inference worker did not load the model within {START_TIMEOUT:g} s")
+        message = conn.recv_bytes()
+    except (ArtifactError, EOFError, OSError) as exc:
+        process.kill()
+        process.join()
+        if isinstance(exc, ArtifactError):
+            raise
+        raise ArtifactError(f"the inference worker exited while loading (exit code {process.exitcode})") from None
+    if message[:1] != READY:
+        process.join(STOP_TIMEOUT)
+        conn.close()
+        raise ArtifactError(message[1:].decode(errors="replace"))
+    info: dict[str, Any] = orjson.loads(message[1:])
+    return info
+
+
+def _worker_main(conn: Connection, pixels_path: str, config: ModelConfig) -> None:
+    """The worker process: load the model, then answer one message at a time until QUIT or the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     [inference worker] %(message)s")
+    _region, pixels = _map_pixels(pixels_path, config.capacity, create=False)
+    try:
+        predictor = load_predictor(config)
+    except (ArtifactError, ValueError, OSError) as exc:
+        conn.send_bytes(FAILED + str(exc).encode())
+        return
+    info = {"name": predictor.name, "version": predictor.version, "sha256": predictor.artifact.sha256,
+            "class_names": predictor.class_names}  # fmt: skip
+    gc.collect()
+    gc.freeze()  # the model's long-lived objects leave the GC's scans
+    conn.send_bytes(READY + orjson.dumps(info))
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        op = message[:1]
+        try:
+            if op == PREDICT:
+                images = int.from_bytes(message[1:5], "little")
+                conn.send_bytes(OK + predictor.predict(pixels[:images]).tobytes())
+                predictor.record_drift()  # after the reply: the client is not waiting for this
+            elif op == DRIFT:
+                report = predictor.drift_report()
+                conn.send_bytes(OK + orjson.dumps(None if report is None else report.to_wire()))
+            elif op == RESET:
+                predictor.reset_drift()
+                conn.send_bytes(OK)
+            elif op == QUIT:
+                conn.send_bytes(OK)
+                return
+            else:
+                conn.send_bytes(FAILED + f"unknown operation {op!r}".encode())
+        except (BrokenPipeError, ConnectionError):  # the parent is gone
+            return
+        except Exception as exc:  # a failed forward pass fails its batch, not the worker
+            logging.getLogger("service.worker").exception("inference worker call %r failed", op)
+            conn.send_bytes(FAILED + f"{type(exc).__name__}: {exc}".encode())
