@@ -10,6 +10,7 @@ loaded in turn with wrk (or bench/loadgen.py when wrk is missing), a real MNIST 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -62,16 +63,27 @@ def server_commands(port: int) -> dict[str, tuple[list[str], dict[str, str]]]:
     return {
         "bnserve": ([py, "-m", "service"], {**bn, "BNSERVE_DRIFT_ENABLED": "true"}),
         "bnserve-nodrift": ([py, "-m", "service"], {**bn, "BNSERVE_DRIFT_ENABLED": "false"}),
+        # the model on a thread of the event loop's process, as before the worker process: the GIL is shared
+        "bnserve-thread": (
+            [py, "-m", "service"],
+            {**bn, "BNSERVE_DRIFT_ENABLED": "true", "BNSERVE_INFERENCE_PROCESS": "false"},
+        ),
         "naive": ([*uv, "bench.naive_server:app"], {}),
         "ceiling": ([*uv, "--loop", "uvloop", "--http", "httptools", "bench.ceiling_server:app"], {}),
     }
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (bnserve's inference worker is a child process)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total = int(line.split()[1]) / 1024
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # exited meanwhile
+                total += rss_mb(int(child))
+    return total
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -201,6 +213,7 @@ def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
         "bnserve/naive rps": {},
         "bnserve/ceiling rps": {},
         "drift on/off rps": {},
+        "worker process/thread rps": {},
         "bnserve/naive p50": {},
     }
     for c in sorted({r.concurrency for r in runs}):
@@ -212,6 +225,9 @@ def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
             out["bnserve/ceiling rps"][c] = bn.rps / ceil.rps
         if bn and off:
             out["drift on/off rps"][c] = bn.rps / off.rps
+        thread = by.get(("bnserve-thread", c))
+        if bn and thread:
+            out["worker process/thread rps"][c] = bn.rps / thread.rps
     return out
 
 
@@ -240,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, default=REPO / "artifacts" / "mnist-bn")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
     p.add_argument("--concurrency", default="1,8,32,128")
-    p.add_argument("--servers", default="bnserve,bnserve-nodrift,naive,ceiling")
+    p.add_argument("--servers", default="bnserve,bnserve-nodrift,bnserve-thread,naive,ceiling")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level; figures are medians")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
