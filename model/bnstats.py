@@ -81,8 +81,8 @@ def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor, scratch: torch.Te
     """
     if x.dim() not in (2, 4):
         raise ValueError(f"BN input must be (N, C) or (N, C, H, W), got shape {tuple(x.shape)}")
-    # Every torch call below releases and retakes the GIL, which the event loop holds much of the time under
-    # load: the fewer calls, the less the inference thread waits. Hence no conversion or view that is not needed.
+    # Every torch call below releases and retakes the GIL, which another thread may hold (the event loop, when the
+    # model runs on a thread of the server): the fewer calls, the less it waits. No conversion or view not needed.
     mean = ref_mean if ref_mean.dtype == x.dtype and ref_mean.device == x.device else ref_mean.to(x.device, x.dtype)
     want = (-1, 1, 1) if x.dim() == 4 else (-1,)  # broadcasts over (N, C, H, W) or (N, C)
     if mean.dim() != len(want):
@@ -118,7 +118,7 @@ def fits_scratch(scratch: torch.Tensor, x: torch.Tensor) -> bool:
 class BnStatsRecorder:
     """Forward pre-hooks on every BN layer that record per-image input moments during a normal forward pass.
 
-    One forward pass at a time per recorder (the service has a single inference thread). Two ways to use it:
+    One forward pass at a time per recorder (the service runs one forward pass at a time). Two ways to use it:
 
     >>> recorder = BnStatsRecorder(net)
     >>> with recorder.capture() as moments:      # moments computed inside the forward pass

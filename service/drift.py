@@ -82,7 +82,7 @@ class DriftMonitor:
     """Keeps the last `window` images' per-layer moments in rings and scores them against the BN references.
 
     Memory is fixed at 2 · window · Σ channels float64 values, whatever the traffic. `update` is called by the
-    inference thread after each forward pass; `report` by anyone. Both take one lock; a report sums the ring inside it
+    thread that runs the forward passes; `report` by anyone. Both take one lock; a report sums the ring inside it
     (2 · W · C adds per layer) and does the KL and top-channel work outside.
 
     >>> monitor = DriftMonitor(recorder.references, artifact.calibration, window=256)
