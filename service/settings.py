@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     inference_process: bool = Field(
         True, description="run the model in an inference worker process (no GIL shared with HTTP); false: a thread"
     )
+    inference_timeout: float = Field(
+        30.0, gt=0.0, le=3600.0, description="a worker process silent this long on one call is killed and replaced"
+    )
 
     # Micro-batching.
     max_batch_size: int = Field(

@@ -115,6 +115,7 @@ class ServingState:
             torch_threads=s.torch_threads or max(1, (os.cpu_count() or 2) // 2),
             capacity=max(s.max_batch_size, s.max_instances),
             log_level=s.log_level,
+            call_timeout=s.inference_timeout,
         )
         if s.inference_process:
             return await WorkerModel.start(config, on_exit=self._worker_exited)

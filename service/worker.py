@@ -71,6 +71,7 @@ class ModelConfig:
     torch_threads: int
     capacity: int  # most images in one forward pass (the shared region holds this many)
     log_level: str = "info"
+    call_timeout: float = 30.0  # a worker silent this long is taken for hung: killed, then replaced
 
 
 def load_predictor(config: ModelConfig) -> Predictor:
@@ -226,7 +227,8 @@ class WorkerModel(ServedModel):
             else:
                 np.concatenate(payloads, out=self._pixels[:images])
             reply = await self._call(PREDICT + images.to_bytes(4, "little"))
-        return np.frombuffer(reply, np.float32, offset=1).reshape(images, len(self.class_names))
+        # a copy: the view at byte offset 1 is unaligned, and numpy takes slow paths on unaligned arrays
+        return np.frombuffer(reply, np.float32, offset=1).reshape(images, len(self.class_names)).copy()
 
     async def drift_report(self) -> DriftReport | None:
         async with self._lock:
@@ -270,8 +272,16 @@ class WorkerModel(ServedModel):
             raise WorkerDiedError(f"the inference worker (pid {self.pid}) is not running") from None
         future: asyncio.Future[bytes] = self._loop.create_future()
         self._inflight = future  # the reply can only be read once this coroutine yields
-        # shielded: a caller that is cancelled leaves the reply to _settle_abandoned, so replies never mismatch
-        reply = await asyncio.shield(future)
+        try:
+            # shielded: a caller that is cancelled leaves the reply to _settle_abandoned, so replies never mismatch
+            reply = await asyncio.wait_for(asyncio.shield(future), self._config.call_timeout)
+        except TimeoutError:
+            logger.error("inference worker pid %d did not answer within %g s: killing it",
+                         self.pid, self._config.call_timeout)  # fmt: skip
+            self._inflight = None
+            self._process.kill()
+            self._exited()  # the owner starts a replacement
+            raise WorkerDiedError(f"the inference worker (pid {self.pid}) hung and was killed") from None
         if reply[:1] == FAILED:
             raise WorkerError(reply[1:].decode(errors="replace"))
         return reply

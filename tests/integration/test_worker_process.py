@@ -70,6 +70,28 @@ def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(
         assert f"inference worker (pid {old}) exited" in srv.logs()
 
 
+def test_a_hung_worker_is_killed_and_replaced(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
+    body = {"instances": test_images[0][:1].reshape(1, -1).tolist()}
+    settings = {"inference_timeout": 2, "request_timeout": 1}
+    with ServerProcess(tiny_artifact_dir, **settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        [old] = worker_pids(srv)
+        os.kill(old, signal.SIGSTOP)  # alive, silent: a hang
+        statuses = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r = client.post("/v1/predict", json=body)
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                break
+            assert r.status_code in (503, 504), r.text  # deadline while hung, then worker_restarting
+            time.sleep(0.05)
+        assert statuses[-1] == 200 and 504 in statuses, statuses
+        [new] = worker_pids(srv)
+        assert new != old and not running(old)
+        assert f"inference worker pid {old} did not answer within 2 s" in srv.logs()
+        assert metric(client.get("/metrics").text, "bnserve_inference_worker_restarts_total") == 1.0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_no_worker_outlives_its_server(tiny_artifact_dir: Path, sig: signal.Signals) -> None:
     srv = ServerProcess(tiny_artifact_dir).start()
