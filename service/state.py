@@ -16,8 +16,9 @@ from service.drift import DriftReport
 from service.errors import ApiError
 from service.metrics import Metrics, MetricsObserver, ModelView
 from service.predictor import Prediction
+from service.served import LocalModel, ModelConfig, ServedModel
 from service.settings import Settings
-from service.worker import LocalModel, ModelConfig, ServedModel, WorkerDiedError, WorkerModel
+from service.worker import WorkerDiedError, WorkerModel
 
 logger = logging.getLogger("service.state")
 

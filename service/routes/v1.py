@@ -18,8 +18,8 @@ from service.errors import ApiError, error_responses
 from service.predictor import Prediction
 from service.responses import OrjsonResponse
 from service.schemas import ImagePredictResponse, PredictRequest, PredictResponse, parse_predict_body
+from service.served import ServedModel
 from service.state import ServingState
-from service.worker import ServedModel
 
 router = APIRouter(prefix="/v1")
 

@@ -13,6 +13,7 @@ from service.deps import JsonBody, StateDep
 from service.errors import ApiError, error_responses
 from service.predictor import Prediction
 from service.responses import OrjsonResponse
+from service.served import ServedModel
 from service.state import ServingState
 from service.v2_protocol import (
     BINARY_UNSUPPORTED,
@@ -26,7 +27,6 @@ from service.v2_protocol import (
     parse_infer_body,
     show_value,
 )
-from service.worker import ServedModel
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 

@@ -15,7 +15,8 @@ import pytest
 
 from model.artifact import WEIGHTS_FILE, Artifact, ArtifactError
 from service.predictor import Predictor
-from service.worker import LocalModel, ModelConfig, ServedModel, WorkerDiedError, WorkerModel
+from service.served import LocalModel, ModelConfig, ServedModel
+from service.worker import WorkerDiedError, WorkerModel
 from tests.support import direct_probabilities
 
 pytestmark = pytest.mark.integration  # starts real processes (~2 s each)
