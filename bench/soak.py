@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -169,9 +170,14 @@ def sample_rss(pid: int, tally: Tally, samples: list[tuple[float, float, int]], 
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
+    """User + system CPU time a process and its live descendants (bnserve's inference worker) have used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # exited meanwhile
+                total += cpu_seconds(int(child))
+    return total
 
 
 def summarise(samples: list[tuple[float, float, int]], total: int, tally: Tally) -> dict[str, Any]:

@@ -173,8 +173,9 @@ class ServingState:
                     logger.info("inference worker replaced (attempt %d)", attempt)
                     await dead.close()
                     return
-                except (ArtifactError, ValueError, OSError) as exc:
-                    logger.error("could not restart the inference worker (attempt %d): %s", attempt, exc)
+                except Exception as exc:  # whatever went wrong, keep trying: without a worker nothing is served
+                    logger.error("could not restart the inference worker (attempt %d): %s", attempt, exc,
+                                 exc_info=not isinstance(exc, ArtifactError | ValueError | OSError))  # fmt: skip
                     await asyncio.sleep(RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF)) - 1])
         finally:
             self._restart = None
