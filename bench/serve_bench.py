@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,17 +74,26 @@ def server_commands(port: int) -> dict[str, tuple[list[str], dict[str, str]]]:
     }
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (bnserve's inference worker is a child process)."""
-    total = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total = int(line.split()[1]) / 1024
+def over_tree(pid: int, measure: Callable[[int], float]) -> float:
+    """`measure` summed over a process and its live descendants (bnserve's inference worker is a child process)."""
+    total = measure(pid)
     for children in Path(f"/proc/{pid}/task").glob("*/children"):
         for child in children.read_text().split():
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # exited meanwhile
-                total += rss_mb(int(child))
+                total += over_tree(int(child), measure)
     return total
+
+
+def _own_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0  # a zombie has no VmRSS line
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its live descendants, in MB."""
+    return over_tree(pid, _own_rss_mb)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:

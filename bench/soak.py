@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -38,7 +37,7 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from bench.serve_bench import REPO, RESULTS, free_port, rss_mb, server_commands, wait_ready
+from bench.serve_bench import REPO, RESULTS, free_port, over_tree, rss_mb, server_commands, wait_ready
 
 WARMUP_FRACTION = 0.1
 RSS_GROWTH_TARGET_MB = 50.0
@@ -169,15 +168,14 @@ def sample_rss(pid: int, tally: Tally, samples: list[tuple[float, float, int]], 
         stop.wait(1.0)
 
 
+def _own_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process and its live descendants (bnserve's inference worker) have used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        for child in children.read_text().split():
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # exited meanwhile
-                total += cpu_seconds(int(child))
-    return total
+    return over_tree(pid, _own_cpu_seconds)
 
 
 def summarise(samples: list[tuple[float, float, int]], total: int, tally: Tally) -> dict[str, Any]:

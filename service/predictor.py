@@ -31,8 +31,9 @@ class Prediction:
 class Predictor:
     """Owns one verified model; `predict` runs one eval-mode forward pass with the BN hooks inside it.
 
-    One thread calls `predict` at a time (the inference worker process's, or LocalModel's thread). A Predictor never changes its model: a reload
-    builds a new Predictor, so in-flight batches finish on the one they started with.
+    One thread calls `predict` at a time (the inference worker process's, or LocalModel's thread). A Predictor
+    never changes its model: a reload builds a new Predictor, so in-flight batches finish on the one they started
+    with.
 
     >>> p = Predictor.load(Path("artifacts/mnist-bn"), drift_window=256)
     >>> p.predict(np.zeros((2, 1, 28, 28), np.float32)).shape
@@ -108,8 +109,8 @@ class Predictor:
           activations are still in cache, and every client of the batch is waiting anyway (measured: on a second
           thread of the inference worker the moments contended with the next forward pass for the GIL, no gain);
         - a smaller batch only keeps its BN inputs; `record_drift`, which the caller runs once the answer has gone
-          (service/worker.py), computes them per DRIFT_CHUNK images. At low load that takes the ~50 torch calls of the moments,
-          which cost the same for 1 image as for 32, off the latency path and amortises them.
+          (service/worker.py), computes them per DRIFT_CHUNK images. At low load that takes the ~50 torch calls of
+          the moments, which cost the same for 1 image as for 32, off the latency path and amortises them.
         """
         if self.recorder is None or self.monitor is None:
             return self._forward(pixels)
