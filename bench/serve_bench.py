@@ -42,6 +42,7 @@ class Run:
     requests: int
     rss_before_mb: float
     rss_after_mb: float
+    monitored: float | None = None  # share of the level's images the drift window saw (bnserve with drift on)
 
 
 def free_port() -> int:
@@ -64,6 +65,11 @@ def server_commands(port: int) -> dict[str, tuple[list[str], dict[str, str]]]:
     return {
         "bnserve": ([py, "-m", "service"], {**bn, "BNSERVE_DRIFT_ENABLED": "true"}),
         "bnserve-nodrift": ([py, "-m", "service"], {**bn, "BNSERVE_DRIFT_ENABLED": "false"}),
+        # every image monitored, whatever the load (no drift budget)
+        "bnserve-alldrift": (
+            [py, "-m", "service"],
+            {**bn, "BNSERVE_DRIFT_ENABLED": "true", "BNSERVE_DRIFT_BUDGET": "1"},
+        ),
         # the model on a thread of the event loop's process, as before the worker process: the GIL is shared
         "bnserve-thread": (
             [py, "-m", "service"],
@@ -162,11 +168,22 @@ class Server:
         cmd, extra = server_commands(port)[name]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BNSERVE_")}
         env.update(extra, BNSERVE_ARTIFACT_DIR=str(artifact), PYTHONPATH=str(REPO))
-        self.url = f"http://127.0.0.1:{port}/v1/predict"
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = f"{self.base}/v1/predict"
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def rss(self) -> float:
         return rss_mb(self.proc.pid)
+
+    def drift_counts(self) -> tuple[int, int] | None:
+        """bnserve with drift on: images its drift window saw, and images served unmonitored (the drift budget)."""
+        if not self.name.startswith("bnserve"):
+            return None
+        r = httpx.get(f"{self.base}/v1/drift", timeout=10)
+        if r.status_code != 200:
+            return None
+        report = r.json()
+        return int(report["images_seen"]), int(report["images_unmonitored"])
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -191,6 +208,7 @@ def bench_servers(
         rss_start = {srv.name: srv.rss() for srv in servers}
         for c in levels:
             rss_before = {srv.name: srv.rss() for srv in servers}
+            counts_before = {srv.name: srv.drift_counts() for srv in servers}
             results: dict[str, list[dict[str, float]]] = {srv.name: [] for srv in servers}
             for k in range(rounds):
                 for srv in servers[k % len(servers) :] + servers[: k % len(servers)]:  # rotate who goes first
@@ -201,12 +219,13 @@ def bench_servers(
                 errors, requests = sum(int(r["errors"]) for r in rs), sum(int(r["requests"]) for r in rs)
                 runs.append(
                     Run(srv.name, c, med["rps"], med["p50_ms"], med["p99_ms"], errors, requests,
-                        rss_before[srv.name], srv.rss())
+                        rss_before[srv.name], srv.rss(), monitored_share(counts_before[srv.name], srv.drift_counts()))
                 )  # fmt: skip
                 spread = " / ".join(f"{r['rps']:.0f}" for r in rs)
+                saw = runs[-1].monitored
                 print(
                     f"  {srv.name:16s} c={c:<4d} {med['rps']:8.0f} req/s ({spread})  p50 {med['p50_ms']:6.2f} ms  "
-                    f"p99 {med['p99_ms']:7.2f} ms  errors {errors}",
+                    f"p99 {med['p99_ms']:7.2f} ms  errors {errors}" + ("" if saw is None else f"  monitored {saw:.0%}"),
                     flush=True,
                 )
         for srv in servers:
@@ -217,12 +236,20 @@ def bench_servers(
     return runs
 
 
+def monitored_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None:
+        return None
+    seen, unmonitored = after[0] - before[0], after[1] - before[1]
+    return seen / (seen + unmonitored) if seen + unmonitored else None
+
+
 def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
     by = {(r.server, r.concurrency): r for r in runs}
     out: dict[str, dict[int, float]] = {
         "bnserve/naive rps": {},
         "bnserve/ceiling rps": {},
         "drift on/off rps": {},
+        "every image monitored: drift on/off rps": {},
         "worker process/thread rps": {},
         "bnserve/naive p50": {},
     }
@@ -235,6 +262,9 @@ def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
             out["bnserve/ceiling rps"][c] = bn.rps / ceil.rps
         if bn and off:
             out["drift on/off rps"][c] = bn.rps / off.rps
+        every = by.get(("bnserve-alldrift", c))
+        if every and off:
+            out["every image monitored: drift on/off rps"][c] = every.rps / off.rps
         thread = by.get(("bnserve-thread", c))
         if bn and thread:
             out["worker process/thread rps"][c] = bn.rps / thread.rps
@@ -247,12 +277,13 @@ def markdown(runs: list[Run], rat: dict[str, dict[int, float]], meta: dict[str, 
         f"and server in each of {meta['rounds']} interleaved rounds (figures: medians over rounds), "
         "body: one real MNIST test image (784 floats).",
         "",
-        "| server | conc. | req/s | p50 ms | p99 ms | errors | RSS before → after (MB) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| server | conc. | req/s | p50 ms | p99 ms | errors | drift window saw | RSS before → after (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
+        saw = "–" if r.monitored is None else f"{100 * r.monitored:.0f} %"
         lines.append(
-            f"| {r.server} | {r.concurrency} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {r.rss_before_mb:.0f} → {r.rss_after_mb:.0f} |"
+            f"| {r.server} | {r.concurrency} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {saw} | {r.rss_before_mb:.0f} → {r.rss_after_mb:.0f} |"
         )
     levels = sorted({r.concurrency for r in runs})
     lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---:|" * len(levels)]
@@ -266,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, default=REPO / "artifacts" / "mnist-bn")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
     p.add_argument("--concurrency", default="1,8,32,128")
-    p.add_argument("--servers", default="bnserve,bnserve-nodrift,bnserve-thread,naive,ceiling")
+    p.add_argument("--servers", default="bnserve,bnserve-nodrift,bnserve-alldrift,bnserve-thread,naive,ceiling")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level; figures are medians")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)

@@ -14,6 +14,7 @@ when a channel has a large mean and a tiny variance.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ class BnStatsRecorder:
         }
         self._sink: Callable[[str, torch.Tensor], None] | None = None
         self._scratch: dict[str, torch.Tensor] = {}
+        self.seconds = 0.0  # spent computing moments, in total (the service's drift budget reads it)
         self._handles = [bn.register_forward_pre_hook(self._hook_for(name)) for name, bn in bn_layers(net).items()]
 
     def _hook_for(self, name: str):  # type: ignore[no-untyped-def]
@@ -154,10 +156,13 @@ class BnStatsRecorder:
         return hook
 
     def _moments_of(self, name: str, x: torch.Tensor) -> Moments:
+        started = time.perf_counter()
         buf = self._scratch.get(name)
         if buf is None or not fits_scratch(buf, x):  # grows to the largest batch, then stays
             buf = self._scratch[name] = torch.empty_like(x)
-        return per_image_moments(x, self._ref_means[name], buf)
+        moments = per_image_moments(x, self._ref_means[name], buf)
+        self.seconds += time.perf_counter() - started
+        return moments
 
     def moments(self, inputs: dict[str, torch.Tensor]) -> dict[str, Moments]:
         """The moments of BN inputs kept by `capture_inputs`."""

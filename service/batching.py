@@ -44,6 +44,7 @@ class _Item(Generic[P, R]):
     future: asyncio.Future[R]
     enqueued: float
     deadline: float
+    waited: bool  # it arrived while a batch was running, so it waited for the model
 
 
 def _expire(future: asyncio.Future[R], timeout: float) -> None:
@@ -62,7 +63,9 @@ class MicroBatcher(Generic[P, R]):
     themselves. A positive delay makes it wait up to that long for a fuller batch.
 
     `infer` gets the payloads of one batch, in queue order, and returns one result per payload. If it raises,
-    every request in that batch gets the exception.
+    every request in that batch gets the exception. While it runs, `batch_waited` says whether a request of the
+    batch arrived while an earlier batch was running: requests queue for the model, so the server is under load
+    (the drift monitor then keeps to its budget, see service/predictor.py).
 
     >>> batcher = MicroBatcher(in_thread(lambda xs: [x * 2 for x in xs]), max_batch_size=32)
     >>> batcher.start()
@@ -98,6 +101,8 @@ class MicroBatcher(Generic[P, R]):
         self._closed = False
         self._wake: asyncio.Future[None] | None = None  # set while the dispatcher waits for requests
         self._task: asyncio.Task[None] | None = None
+        self._running = False  # a batch is in infer
+        self.batch_waited = False
 
     @property
     def queued_images(self) -> int:
@@ -117,7 +122,7 @@ class MicroBatcher(Generic[P, R]):
             raise QueueFullError(f"the inference queue is full ({self._queued_images} images waiting)")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        item: _Item[P, R] = _Item(payload, size, loop.create_future(), now, now + timeout)
+        item: _Item[P, R] = _Item(payload, size, loop.create_future(), now, now + timeout, self._running)
         self._queue.append(item)
         self._queued_images += size
         self._notify()
@@ -199,6 +204,7 @@ class MicroBatcher(Generic[P, R]):
         if not live:
             return
         started = time.perf_counter()
+        self._running, self.batch_waited = True, any(it.waited for it in live)
         try:
             results = await self.infer([it.payload for it in live])
             if len(results) != len(live):
@@ -212,6 +218,8 @@ class MicroBatcher(Generic[P, R]):
             for it, result in zip(live, results, strict=True):
                 if not it.future.done():  # the waiter gave up (deadline) or went away (cancelled)
                     it.future.set_result(result)
+        finally:
+            self._running = self.batch_waited = False
         if self.observer:
             self.observer.batch_done(sum(it.size for it in live), [now - it.enqueued for it in live],
                                      time.perf_counter() - started)  # fmt: skip

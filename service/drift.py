@@ -49,6 +49,7 @@ class DriftReport:
     layers: list[LayerReport]
     model_threshold: float
     model_statistic: float | None
+    images_unmonitored: int = 0  # answered under load past the drift budget (service/predictor.py)
 
     @property
     def warming_up(self) -> bool:
@@ -63,7 +64,7 @@ class DriftReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "status": self.status, "window": self.window, "window_images": self.images,
-            "images_seen": self.images_seen,
+            "images_seen": self.images_seen, "images_unmonitored": self.images_unmonitored,
             "whole_model": {"statistic": self.model_statistic, "threshold": self.model_threshold,
                             "definition": "max over layers of score / threshold"},
             "layers": [layer.to_dict() for layer in self.layers],

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.drift import DriftReport
@@ -32,7 +32,7 @@ class ServingCollector(Collector):
     def __init__(self, view: Callable[[], ModelView | None]) -> None:
         self._view = view
 
-    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         view = self._view()
         ready = GaugeMetricFamily("bnserve_model_ready", "1 when a model is loaded, warmed up and serving")
         ready.add_metric([], 1.0 if view else 0.0)
@@ -47,7 +47,7 @@ class ServingCollector(Collector):
         yield from drift_families(view.drift)
 
 
-def drift_families(report: DriftReport) -> Iterator[GaugeMetricFamily]:
+def drift_families(report: DriftReport) -> Iterator[Metric]:
     """Per-layer drift gauges (label `layer` only: no per-channel cardinality) and the whole-model statistic."""
     labels = ["layer"]
     score = GaugeMetricFamily(
@@ -77,7 +77,13 @@ def drift_families(report: DriftReport) -> Iterator[GaugeMetricFamily]:
     warming.add_metric([], 1.0 if report.warming_up else 0.0)
     model_thr = GaugeMetricFamily("bnserve_drift_model_threshold", "threshold of the whole-model drift statistic")
     model_thr.add_metric([], report.model_threshold)
-    yield from (size, warming, model_thr)
+    images_total = CounterMetricFamily(
+        "bnserve_drift_images", "images answered by this model, by whether the drift window saw them "
+        "(unmonitored: served under load past the drift budget)", labels=["monitored"],
+    )  # fmt: skip
+    images_total.add_metric(["true"], report.images_seen)
+    images_total.add_metric(["false"], report.images_unmonitored)
+    yield from (size, warming, model_thr, images_total)
     if report.model_statistic is not None:
         stat = GaugeMetricFamily("bnserve_drift_model_statistic", "max over layers of drift score / layer threshold")
         stat.add_metric([], report.model_statistic)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,33 @@ logger = logging.getLogger("service.predictor")
 
 DRIFT_CHUNK = 32  # images of small batches whose BN-input moments are computed together (see Predictor.predict)
 INLINE_DRIFT_IMAGES = DRIFT_CHUNK // 2  # batches this big compute their moments during the forward pass
+
+
+class DriftBudget:
+    """Under load, lets the drift work take at most `fraction` of the time of the forward passes it rides on.
+
+    Every forward pass under load earns `fraction` × its time, and drift work spends the time it took. A batch is
+    monitored while the balance is not negative, so over any stretch of load the drift work stays within `fraction`
+    of the forward passes' time, give or take one batch. Batches past it are served unmonitored: the window fills
+    from an evenly spread sample of the traffic instead of all of it. A fraction of 1 monitors every image.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError("the drift budget must be in (0, 1]")
+        self.fraction = fraction
+        self.balance = 0.0  # seconds
+
+    @property
+    def unlimited(self) -> bool:
+        return self.fraction >= 1.0
+
+    def allows(self) -> bool:
+        return self.unlimited or self.balance >= 0.0
+
+    def account(self, forward_seconds: float, drift_seconds: float) -> None:
+        if not self.unlimited:
+            self.balance += self.fraction * forward_seconds - drift_seconds
 
 
 @dataclass(frozen=True)
@@ -40,7 +68,9 @@ class Predictor:
     (2, 10)
     """
 
-    def __init__(self, artifact: Artifact, *, drift_window: int | None, top_channels: int = 5) -> None:
+    def __init__(
+        self, artifact: Artifact, *, drift_window: int | None, top_channels: int = 5, drift_budget: float = 1.0
+    ) -> None:
         self.artifact = artifact
         self.name = artifact.meta.name
         self.version = artifact.meta.version
@@ -54,6 +84,9 @@ class Predictor:
         self._unrecorded: list[dict[str, torch.Tensor]] = []
         self._unrecorded_images = 0
         self._drift_lock = threading.Lock()
+        self._budget = DriftBudget(drift_budget)
+        self._charge_folds = False  # whether the next fold of kept inputs is work done under load
+        self.images_unmonitored = 0  # served under load past the drift budget
         self.monitor: DriftMonitor | None = None
         if drift_window is not None:
             if artifact.calibration is None:
@@ -69,9 +102,13 @@ class Predictor:
         return {"name": self.name, "version": self.version}
 
     @classmethod
-    def load(cls, path: Path, *, drift_window: int | None, top_channels: int = 5) -> Predictor:
+    def load(
+        cls, path: Path, *, drift_window: int | None, top_channels: int = 5, drift_budget: float = 1.0
+    ) -> Predictor:
         """Load, verify and smoke-test an artifact; raises ArtifactError (or ValueError) if it is not servable."""
-        predictor = cls(load_artifact(path), drift_window=drift_window, top_channels=top_channels)
+        predictor = cls(
+            load_artifact(path), drift_window=drift_window, top_channels=top_channels, drift_budget=drift_budget
+        )
         predictor.self_test()
         return predictor
 
@@ -101,8 +138,11 @@ class Predictor:
             with self._drift_lock, torch.inference_mode():
                 self.recorder.moments(inputs)
 
-    def predict(self, pixels: np.ndarray) -> np.ndarray:
+    def predict(self, pixels: np.ndarray, *, under_load: bool = False) -> np.ndarray:
         """(N, 1, 28, 28) float32 pixels in [0, 1] → (N, classes) float32 probabilities; feeds the drift window.
+
+        `under_load` (requests are queueing for the model) puts the drift work on its budget (DriftBudget): a batch
+        past it is answered without feeding the window. Otherwise every image is monitored.
 
         Where the drift moments are computed depends on the batch (measured in bench/README.md):
         - a batch of at least INLINE_DRIFT_IMAGES images computes them in the BN hooks, during the forward pass: the
@@ -114,18 +154,35 @@ class Predictor:
         """
         if self.recorder is None or self.monitor is None:
             return self._forward(pixels)
+        started = time.perf_counter()
+        if under_load and not self._budget.allows():
+            probs = self._forward(pixels)
+            with self._drift_lock:
+                self._budget.account(time.perf_counter() - started, 0.0)
+                self.images_unmonitored += len(pixels)
+            return probs
         if len(pixels) >= INLINE_DRIFT_IMAGES:
             with self._drift_lock:
-                self._fold_kept()  # smaller batches answered earlier go first: the window keeps arrival order
+                drift = self._fold_kept()  # smaller batches answered earlier go first: the window keeps arrival order
+                hooks = self.recorder.seconds
+                forward_started = time.perf_counter()
                 with self.recorder.capture() as moments:
                     probs = self._forward(pixels)
+                updating = time.perf_counter()
                 self.monitor.update(moments)
+                hooks = self.recorder.seconds - hooks
+                drift += hooks + time.perf_counter() - updating
+                if under_load:
+                    self._budget.account(updating - forward_started - hooks, drift)
             return probs
         with self.recorder.capture_inputs() as inputs:
             probs = self._forward(pixels)
         with self._drift_lock:
             self._unrecorded.append(inputs)
             self._unrecorded_images += len(pixels)
+            self._charge_folds = under_load
+            if under_load:
+                self._budget.account(time.perf_counter() - started, 0.0)  # the fold is charged when it runs
         return probs
 
     def record_drift(self, min_images: int = DRIFT_CHUNK) -> None:
@@ -137,23 +194,27 @@ class Predictor:
             return
         with self._drift_lock:  # also keeps the recorder's scratch buffers to one thread at a time
             if self._unrecorded_images >= min_images:
-                self._fold_kept()
+                seconds = self._fold_kept()
+                if self._charge_folds:
+                    self._budget.account(0.0, seconds)
 
-    def _fold_kept(self) -> None:
-        """(Holding the drift lock.) Moments of every kept BN input, in one pass, into the window."""
+    def _fold_kept(self) -> float:
+        """(Holding the drift lock.) Moments of every kept BN input, in one pass, into the window; its seconds."""
         if not self._unrecorded or self.recorder is None or self.monitor is None:
-            return
+            return 0.0
+        started = time.perf_counter()
         kept, self._unrecorded, self._unrecorded_images = self._unrecorded, [], 0
         with torch.inference_mode():
             inputs = kept[0] if len(kept) == 1 else {n: torch.cat([k[n] for k in kept]) for n in kept[0]}
             self.monitor.update(self.recorder.moments(inputs))
+        return time.perf_counter() - started
 
     def drift_report(self) -> DriftReport | None:
         """The drift report over every image answered so far (None without monitoring)."""
         if self.monitor is None:
             return None
         self.record_drift(min_images=1)
-        return self.monitor.report()
+        return replace(self.monitor.report(), images_unmonitored=self.images_unmonitored)
 
     def reset_drift(self) -> None:
         """Start a new, empty drift window; images answered before the reset do not count."""

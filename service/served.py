@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class ModelConfig:
     torch_threads: int
     capacity: int  # most images in one forward pass (the shared region holds this many)
     log_level: str = "info"
+    drift_budget: float = 1.0  # under load, the drift work's most time as a fraction of the forward passes' (1: no cap)
     call_timeout: float = 30.0  # a worker silent this long is taken for hung: killed, then replaced
 
 
@@ -36,7 +38,10 @@ def load_predictor(config: ModelConfig) -> Predictor:
     """Load, verify, self-test and warm up the model; raises ArtifactError (or ValueError, OSError)."""
     torch.set_num_threads(config.torch_threads)
     predictor = Predictor.load(
-        Path(config.artifact_dir), drift_window=config.drift_window, top_channels=config.top_channels
+        Path(config.artifact_dir),
+        drift_window=config.drift_window,
+        top_channels=config.top_channels,
+        drift_budget=config.drift_budget,
     )
     predictor.warmup()
     return predictor
@@ -61,8 +66,11 @@ class ServedModel(ABC):
         return True
 
     @abstractmethod
-    async def predict(self, payloads: list[np.ndarray]) -> np.ndarray:
-        """One forward pass over the requests' images, in order: (Σ N, 1, 28, 28) → (Σ N, classes) float32."""
+    async def predict(self, payloads: list[np.ndarray], *, under_load: bool = False) -> np.ndarray:
+        """One forward pass over the requests' images, in order: (Σ N, 1, 28, 28) → (Σ N, classes) float32.
+
+        `under_load`: requests are queueing for the model, so the drift work keeps to its budget.
+        """
 
     @abstractmethod
     async def drift_report(self) -> DriftReport | None:
@@ -89,9 +97,10 @@ class LocalModel(ServedModel):
     async def start(cls, config: ModelConfig) -> LocalModel:
         return cls(await asyncio.to_thread(load_predictor, config))
 
-    async def predict(self, payloads: list[np.ndarray]) -> np.ndarray:
+    async def predict(self, payloads: list[np.ndarray], *, under_load: bool = False) -> np.ndarray:
         pixels = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
-        probs = await asyncio.get_running_loop().run_in_executor(self._executor, self.predictor.predict, pixels)
+        predict = functools.partial(self.predictor.predict, pixels, under_load=under_load)
+        probs = await asyncio.get_running_loop().run_in_executor(self._executor, predict)
         self._executor.submit(self.predictor.record_drift)  # after the answer and before the next batch (FIFO)
         return probs
 

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     drift_enabled: bool = True
     drift_window: int = Field(256, ge=16, le=65536, description="images in the drift window")
     drift_top_channels: int = Field(5, ge=0, le=64)
+    drift_budget: float = Field(
+        0.02, gt=0.0, le=1.0,
+        description="while requests queue for the model, the drift work may take this fraction of the forward "
+        "passes' time; batches past it go unmonitored (1: monitor every image)",
+    )  # fmt: skip
 
     # Admin: routes are disabled (404) unless a token is set.
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin/* and /v1/drift/reset")

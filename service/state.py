@@ -81,7 +81,7 @@ class ServingState:
         if model is None:
             raise RuntimeError("no model loaded")
         try:
-            probs = await model.predict(payloads)
+            probs = await model.predict(payloads, under_load=self.batcher.batch_waited)
         except WorkerDiedError:
             raise _restarting() from None
         top = probs.argmax(axis=1)
@@ -112,6 +112,7 @@ class ServingState:
             artifact_dir=str(s.artifact_dir),
             drift_window=s.drift_window if s.drift_enabled else None,
             top_channels=s.drift_top_channels,
+            drift_budget=s.drift_budget,
             # On a shared box, spinning OpenMP workers on every core starve the event loop (bench/README.md).
             torch_threads=s.torch_threads or max(1, (os.cpu_count() or 2) // 2),
             capacity=max(s.max_batch_size, s.max_instances),

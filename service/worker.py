@@ -6,7 +6,7 @@ gives it up and takes it back. Under load that made a 32-image forward pass take
 keeps the drift window; the event loop's process only moves bytes:
 
 - pixels: the parent writes each batch into a shared-memory region (a file in /dev/shm, mapped by both sides);
-- requests and replies: one pipe, one message each way per batch (`PREDICT n` → `OK` + the float32
+- requests and replies: one pipe, one message each way per batch (`PREDICT n under_load` → `OK` + the float32
   probabilities). The parent reads replies from the event loop (`add_reader`), so no thread of its own waits.
 
 One call is in flight at a time (the batcher sends one batch at a time). Drift statistics of small batches are
@@ -123,19 +123,20 @@ class WorkerModel(ServedModel):
     def alive(self) -> bool:
         return self._alive
 
-    async def predict(self, payloads: list[np.ndarray]) -> np.ndarray:
+    async def predict(self, payloads: list[np.ndarray], *, under_load: bool = False) -> np.ndarray:
         images = sum(len(p) for p in payloads)
         capacity = self._config.capacity
         if images > capacity:  # only when one request holds more images than a batch may: run it in parts
             pixels = np.concatenate(payloads)
-            return np.concatenate([await self.predict([pixels[i : i + capacity]]) for i in range(0, images, capacity)])
+            parts = [pixels[i : i + capacity] for i in range(0, images, capacity)]
+            return np.concatenate([await self.predict([part], under_load=under_load) for part in parts])
         async with self._lock:
             await self._settle_abandoned()
             if len(payloads) == 1:
                 self._pixels[:images] = payloads[0]
             else:
                 np.concatenate(payloads, out=self._pixels[:images])
-            reply = await self._call(PREDICT + images.to_bytes(4, "little"))
+            reply = await self._call(PREDICT + images.to_bytes(4, "little") + bytes([under_load]))
         # a copy: the view at byte offset 1 is unaligned, and numpy takes slow paths on unaligned arrays
         return np.frombuffer(reply, np.float32, offset=1).reshape(images, len(self.class_names)).copy()
 
@@ -277,8 +278,8 @@ def _worker_main(conn: Connection, pixels_path: str, config: ModelConfig) -> Non
         op = message[:1]
         try:
             if op == PREDICT:
-                images = int.from_bytes(message[1:5], "little")
-                conn.send_bytes(OK + predictor.predict(pixels[:images]).tobytes())
+                images, under_load = int.from_bytes(message[1:5], "little"), message[5:6] == b"\x01"
+                conn.send_bytes(OK + predictor.predict(pixels[:images], under_load=under_load).tobytes())
                 predictor.record_drift()  # after the reply: the client is not waiting for this
             elif op == DRIFT:
                 report = predictor.drift_report()

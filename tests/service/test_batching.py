@@ -215,3 +215,26 @@ async def test_a_failing_dispatch_never_stops_the_batcher() -> None:
         await batcher.submit(1, size=1, timeout=5)
     assert await batcher.submit(2, size=1, timeout=5) == 2
     await batcher.stop()
+
+
+async def test_batch_waited_tells_infer_when_requests_queued_behind_a_running_batch() -> None:
+    seen: list[tuple[list[int], bool]] = []
+    gate = asyncio.Event()
+
+    async def infer(payloads: list[int]) -> list[int]:
+        seen.append((list(payloads), batcher.batch_waited))
+        await gate.wait()
+        return payloads
+
+    batcher = MicroBatcher(infer, max_batch_size=8)
+    batcher.start()
+    first = asyncio.create_task(batcher.submit(0, size=1, timeout=5))  # the model is idle: it runs at once
+    await asyncio.sleep(0.02)
+    queued = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in (1, 2)]
+    await asyncio.sleep(0.02)
+    gate.set()
+    await asyncio.gather(first, *queued)
+    assert not batcher.batch_waited, "only while infer runs"
+    await batcher.submit(3, size=1, timeout=5)  # idle again
+    assert seen == [([0], False), ([1, 2], True), ([3], False)]
+    await batcher.stop()
