@@ -180,9 +180,10 @@ class Server:
         if not self.name.startswith("bnserve"):
             return None
         r = httpx.get(f"{self.base}/v1/drift", timeout=10)
-        if r.status_code != 200:
-            return None
+        r.raise_for_status()
         report = r.json()
+        if not report["enabled"]:
+            return None
         return int(report["images_seen"]), int(report["images_unmonitored"])
 
     def stop(self) -> None:

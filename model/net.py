@@ -135,3 +135,44 @@ def build_net(cfg: NetConfig) -> nn.Module:
 def bn_layers(net: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """Every BatchNorm layer of a network, by its qualified module name, in forward order."""
     return {name: m for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def freeze_batchnorm(net: nn.Module) -> None:
+    """Serve each BN layer as one fused multiply-add, its running statistics folded in: y = x·scale + shift, with
+    scale = γ/√(σ²_r + eps) and shift = β − μ_r·scale (differs from BN's own eval arithmetic by float rounding).
+
+    On CPU, with channels-last activations, BatchNorm's eval kernel costs ~2.7× an `addcmul` over the same tensor;
+    this makes the served forward pass ~7 % faster (bench/README.md). The layers stay BatchNorm modules, with their
+    buffers, state dict and forward pre-hooks (the drift hooks see the same inputs); in training mode a layer runs
+    BatchNorm as usual. Call it again after changing the weights or statistics.
+    """
+    for bn in bn_layers(net).values():
+        if bn.running_mean is None or bn.running_var is None:
+            continue  # no running statistics to fold in: BN normalises by the batch, eval or not
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias
+        bn.forward = _FrozenForward(bn, scale, shift)  # type: ignore[method-assign,assignment]
+
+
+class _FrozenForward:
+    """A BN layer's forward in eval mode as one `addcmul`; BatchNorm's own forward in training mode."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        self.bn = bn
+        self.batchnorm = type(bn).forward.__get__(bn)
+        self.scale, self.shift = scale.detach(), shift.detach()
+        self._shaped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per input rank: (C, 1, ...) views
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn.training:
+            return self.batchnorm(x)
+        shaped = self._shaped.get(x.dim())
+        if shaped is None:
+            shape = (-1,) + (1,) * (x.dim() - 2)  # channels are dim 1: (N, C), (N, C, L) or (N, C, H, W)
+            shaped = self._shaped[x.dim()] = (self.scale.view(shape), self.shift.view(shape))
+        return torch.addcmul(shaped[1], x, shaped[0])

@@ -14,9 +14,7 @@ from tests.support import ServerProcess, metric
 pytestmark = pytest.mark.integration
 
 
-def test_load_past_the_budget_goes_unmonitored_and_every_image_is_counted(
-    tiny_artifact_dir: Path, test_images
-) -> None:  # type: ignore[no-untyped-def]
+def test_load_past_the_budget_goes_unmonitored_and_every_image_is_counted(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
     body = {"instances": test_images[0][:4].reshape(4, -1).tolist()}
 
     async def load(url: str, clients: int, requests: int) -> list[int]:

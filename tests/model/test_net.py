@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from torch import nn
 
-from model.net import NetConfig, bn_layers, build_net
+from model.net import NetConfig, bn_layers, build_net, freeze_batchnorm
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -38,3 +39,30 @@ def test_config_round_trip_and_validation() -> None:
         NetConfig.from_dict({**cfg.to_dict(), "layers": 3})
     with pytest.raises(ValueError, match="dropout"):
         NetConfig(dropout=1.5)
+
+
+@pytest.mark.parametrize("arch", ["bn-cnn", "seed-mlp"])
+def test_frozen_batchnorm_computes_what_batchnorm_computes_and_keeps_its_hooks(arch: str) -> None:
+    torch.manual_seed(0)
+    net = build_net(NetConfig(arch=arch))  # type: ignore[arg-type]
+    for bn in bn_layers(net).values():  # statistics and affine parameters away from their defaults
+        bn.running_mean.normal_()  # type: ignore[union-attr]
+        bn.running_var.uniform_(0.2, 3.0)  # type: ignore[union-attr]
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    net.eval()
+    x = torch.randn(8, 1, 28, 28)
+    expected = net(x)
+    seen: list[torch.Tensor] = []
+    for bn in bn_layers(net).values():
+        bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    freeze_batchnorm(net)
+    assert all(isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d) for bn in bn_layers(net).values())
+    torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(seen) == len(bn_layers(net)), "the pre-hooks (drift) still see every BN input"
+    net.train()  # training mode normalises by the batch, as BatchNorm does
+    bn = next(iter(bn_layers(net).values()))
+    batch = torch.randn(16, bn.num_features, *((5, 5) if isinstance(bn, nn.BatchNorm2d) else ()))
+    out = bn(batch)
+    dims = [0, 2, 3] if batch.dim() == 4 else [0]
+    torch.testing.assert_close(out.mean(dims), bn.bias.detach(), atol=1e-5, rtol=0)

@@ -78,9 +78,7 @@ def test_drift_budget_keeps_drift_time_within_its_fraction_of_forward_time() -> 
         DriftBudget(0.0)
 
 
-def test_under_load_past_the_budget_images_go_unmonitored_and_are_counted(
-    tiny_artifact_dir: Path, test_images
-) -> None:  # type: ignore[no-untyped-def]
+def test_under_load_past_the_budget_images_go_unmonitored_and_are_counted(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
     images = test_images[0][:, None]
     p = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=0.001)
     served = 0
