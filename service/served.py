@@ -28,8 +28,9 @@ class ModelConfig:
     drift_window: int | None
     top_channels: int
     torch_threads: int
-    capacity: int  # most images in one forward pass (the shared region holds this many)
+    capacity: int  # most images in one forward pass (each slot of the shared region holds this many)
     log_level: str = "info"
+    slots: int = 1  # batches that may be in flight at once (the batcher's max_in_flight)
     drift_budget: float = 1.0  # under load, the drift work's most time as a fraction of the forward passes' (1: no cap)
     call_timeout: float = 30.0  # a worker silent this long is taken for hung: killed, then replaced
 

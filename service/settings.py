@@ -44,6 +44,10 @@ class Settings(BaseSettings):
         32, ge=1, description="most images in one forward pass (per image, 64 ran 1.3-1.5x slower than 32 on CPU)"
     )
     max_batch_delay: float = Field(0.0, ge=0.0, le=1.0, description="seconds to wait for a fuller batch (0: never)")
+    max_batches_in_flight: int = Field(
+        2, ge=1, le=4, description="2: the next batch waits at the model while one runs, so the model never idles "
+        "between batches; 1: one batch at a time",
+    )  # fmt: skip
     max_queue_images: int = Field(2048, ge=1, description="queued images beyond this get 503 + Retry-After")
     request_timeout: float = Field(5.0, gt=0.0, le=300.0, description="seconds before a queued request gets 504")
     torch_threads: int = Field(

@@ -48,6 +48,7 @@ class ServingState:
             max_batch_size=settings.max_batch_size,
             max_batch_delay=settings.max_batch_delay,
             max_queue=max(settings.max_queue_images, settings.max_batch_size),
+            max_in_flight=settings.max_batches_in_flight,
             observer=MetricsObserver(metrics),
         )
         metrics.watch(self.view)
@@ -118,6 +119,7 @@ class ServingState:
             capacity=max(s.max_batch_size, s.max_instances),
             log_level=s.log_level,
             call_timeout=s.inference_timeout,
+            slots=s.max_batches_in_flight,
         )
         if s.inference_process:
             return await WorkerModel.start(config, on_exit=self._worker_exited)

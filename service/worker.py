@@ -5,13 +5,15 @@ gives it up and takes it back. Under load that made a 32-image forward pass take
 (bench/README.md). The worker process owns the model, runs the forward pass with the drift hooks inside it and
 keeps the drift window; the event loop's process only moves bytes:
 
-- pixels: the parent writes each batch into a shared-memory region (a file in /dev/shm, mapped by both sides);
-- requests and replies: one pipe, one message each way per batch (`PREDICT n under_load` → `OK` + the float32
+- pixels: the parent writes each batch into a slot of a shared-memory region (a file in /dev/shm, mapped by both
+  sides); there is one slot per batch that may be in flight (`ModelConfig.slots`);
+- requests and replies: one pipe, one message each way per batch (`PREDICT n under_load slot` → `OK` + the float32
   probabilities). The parent reads replies from the event loop (`add_reader`), so no thread of its own waits.
 
-One call is in flight at a time (the batcher sends one batch at a time). Drift statistics of small batches are
-folded in after the reply has gone, so they never delay an answer. If the worker dies, the batch in flight gets
-`WorkerDiedError` and the owner (ServingState) starts a new worker.
+The worker answers messages in order, so replies match calls first in, first out, and a second batch sent while
+one runs waits in the pipe and starts the moment the first is answered (the batcher's `max_in_flight`). Drift
+statistics of small batches are folded in after the reply has gone, so they never delay an answer. If the worker
+dies, every call in flight gets `WorkerDiedError` and the owner (ServingState) starts a new worker.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -60,8 +63,9 @@ def _shared_dir() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
-def _map_pixels(path: str, capacity: int, *, create: bool) -> tuple[mmap.mmap, np.ndarray]:
-    size = capacity * IMAGE_FLOATS * 4
+def _map_pixels(path: str, slots: int, capacity: int, *, create: bool) -> tuple[mmap.mmap, np.ndarray]:
+    """The shared region as (slots, capacity, 1, 28, 28) float32."""
+    size = slots * capacity * IMAGE_FLOATS * 4
     fd = os.open(path, os.O_RDWR)
     try:
         if create:
@@ -69,7 +73,7 @@ def _map_pixels(path: str, capacity: int, *, create: bool) -> tuple[mmap.mmap, n
         region = mmap.mmap(fd, size)
     finally:
         os.close(fd)
-    return region, np.frombuffer(region, np.float32).reshape(capacity, 1, IMAGE_SIDE, IMAGE_SIDE)
+    return region, np.frombuffer(region, np.float32).reshape(slots, capacity, 1, IMAGE_SIDE, IMAGE_SIDE)
 
 
 class WorkerModel(ServedModel):
@@ -92,8 +96,9 @@ class WorkerModel(ServedModel):
         self._region = region
         self._pixels = pixels
         self._on_exit = on_exit
-        self._lock = asyncio.Lock()
-        self._inflight: asyncio.Future[bytes] | None = None
+        self._free_slots = list(range(config.slots))
+        self._slots = asyncio.Semaphore(config.slots)  # counts the free slots
+        self._pending: deque[asyncio.Future[bytes]] = deque()  # one per call sent, in order: replies come in order
         self._alive = True
         self._closing = False
         self._loop = asyncio.get_running_loop()
@@ -106,7 +111,7 @@ class WorkerModel(ServedModel):
         fd, path = tempfile.mkstemp(prefix="bnserve-pixels-", dir=_shared_dir())
         os.close(fd)
         try:
-            region, pixels = _map_pixels(path, config.capacity, create=True)
+            region, pixels = _map_pixels(path, config.slots, config.capacity, create=True)
             parent, child = ctx.Pipe()
             process = ctx.Process(
                 target=_worker_main, args=(child, path, config), name="bnserve-inference", daemon=True
@@ -130,37 +135,39 @@ class WorkerModel(ServedModel):
             pixels = np.concatenate(payloads)
             parts = [pixels[i : i + capacity] for i in range(0, images, capacity)]
             return np.concatenate([await self.predict([part], under_load=under_load) for part in parts])
-        async with self._lock:
-            await self._settle_abandoned()
-            if len(payloads) == 1:
-                self._pixels[:images] = payloads[0]
-            else:
-                np.concatenate(payloads, out=self._pixels[:images])
-            reply = await self._call(PREDICT + images.to_bytes(4, "little") + bytes([under_load]))
+        await self._slots.acquire()
+        slot = self._free_slots.pop()
+        target = self._pixels[slot, :images]
+        if len(payloads) == 1:
+            target[...] = payloads[0]
+        else:
+            np.concatenate(payloads, out=target)
+        message = PREDICT + images.to_bytes(4, "little") + bytes([under_load, slot])
+        # the slot is free once the worker has answered (or died), not when this caller stops waiting
+        reply = await self._call(message, on_reply=lambda: self._free_slot(slot))
         # a copy: the view at byte offset 1 is unaligned, and numpy takes slow paths on unaligned arrays
         return np.frombuffer(reply, np.float32, offset=1).reshape(images, len(self.class_names)).copy()
 
+    def _free_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+        self._slots.release()
+
     async def drift_report(self) -> DriftReport | None:
-        async with self._lock:
-            await self._settle_abandoned()
-            reply = await self._call(DRIFT)
+        reply = await self._call(DRIFT)
         wire = orjson.loads(reply[1:])
         return None if wire is None else DriftReport.from_wire(wire)
 
     async def reset_drift(self) -> None:
-        async with self._lock:
-            await self._settle_abandoned()
-            await self._call(RESET)
+        await self._call(RESET)
 
     async def close(self) -> None:
-        """Let the call in flight finish, ask the worker to exit, and make sure it did."""
+        """Let the calls in flight finish, ask the worker to exit, and make sure it did."""
         self._closing = True
-        async with self._lock:
-            await self._settle_abandoned()
-            if self._alive:
-                with contextlib.suppress(WorkerDiedError, WorkerError, OSError, TimeoutError):
-                    await asyncio.wait_for(self._call(QUIT), STOP_TIMEOUT)
-            self._detach()
+        await self._settle_pending()
+        if self._alive:
+            with contextlib.suppress(WorkerDiedError, WorkerError, OSError, TimeoutError):
+                await asyncio.wait_for(self._call(QUIT), STOP_TIMEOUT)
+        self._detach()
         await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
         if self._process.is_alive():
             logger.warning("inference worker pid %d did not exit; killing it", self.pid)
@@ -171,36 +178,41 @@ class WorkerModel(ServedModel):
             del self._pixels
             self._region.close()
 
-    async def _call(self, message: bytes) -> bytes:
-        """(Holding the lock.) Send one message and wait for its reply."""
+    async def _call(self, message: bytes, on_reply: Callable[[], None] | None = None) -> bytes:
+        """Send one message and wait for its reply (replies come in the order the messages were sent)."""
         if not self._alive:
+            if on_reply is not None:
+                on_reply()
             raise WorkerDiedError(f"the inference worker (pid {self.pid}) is not running")
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        future.add_done_callback(_retrieve)  # a call whose caller was cancelled must not log "never retrieved"
+        if on_reply is not None:
+            future.add_done_callback(lambda _f: on_reply())
         try:
             self._conn.send_bytes(message)
         except OSError:  # a broken pipe: the worker died and its EOF has not been read yet
+            future.cancel()
             self._exited()
             raise WorkerDiedError(f"the inference worker (pid {self.pid}) is not running") from None
-        future: asyncio.Future[bytes] = self._loop.create_future()
-        self._inflight = future  # the reply can only be read once this coroutine yields
+        self._pending.append(future)
         try:
-            # shielded: a caller that is cancelled leaves the reply to _settle_abandoned, so replies never mismatch
+            # shielded: a caller that is cancelled leaves its future queued, so replies never mismatch
             reply = await asyncio.wait_for(asyncio.shield(future), self._config.call_timeout)
         except TimeoutError:
             logger.error("inference worker pid %d did not answer within %g s: killing it",
                          self.pid, self._config.call_timeout)  # fmt: skip
-            self._inflight = None
             self._process.kill()
-            self._exited()  # the owner starts a replacement
+            self._exited()  # fails every call in flight; the owner starts a replacement
             raise WorkerDiedError(f"the inference worker (pid {self.pid}) hung and was killed") from None
         if reply[:1] == FAILED:
             raise WorkerError(reply[1:].decode(errors="replace"))
         return reply
 
-    async def _settle_abandoned(self) -> None:
-        """(Holding the lock.) Wait for the reply to a call whose caller was cancelled."""
-        if self._inflight is not None and not self._inflight.done():
+    async def _settle_pending(self) -> None:
+        """Wait for the replies to every call in flight, including those whose callers were cancelled."""
+        while self._pending:
             with contextlib.suppress(Exception):
-                await self._inflight
+                await asyncio.shield(self._pending[-1])
 
     def _readable(self) -> None:
         try:
@@ -208,9 +220,10 @@ class WorkerModel(ServedModel):
         except (EOFError, OSError):
             self._exited()
             return
-        future, self._inflight = self._inflight, None
-        if future is not None and not future.done():
-            future.set_result(reply)
+        if self._pending:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_result(reply)
 
     def _detach(self) -> None:
         if self._alive:
@@ -226,13 +239,19 @@ class WorkerModel(ServedModel):
         error = WorkerDiedError(
             f"the inference worker (pid {self.pid}) exited" + ("" if code is None else f" with code {code}")
         )
-        future, self._inflight = self._inflight, None
-        if future is not None and not future.done():
-            future.set_exception(error)
+        pending, self._pending = self._pending, deque()
+        for future in pending:
+            if not future.done():
+                future.set_exception(error)
         if not self._closing:
             logger.error("%s", error)
             if self._on_exit is not None:
                 self._on_exit(self)
+
+
+def _retrieve(future: asyncio.Future[bytes]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _await_ready(conn: Connection, process: Any) -> dict[str, Any]:
@@ -259,7 +278,7 @@ def _worker_main(conn: Connection, pixels_path: str, config: ModelConfig) -> Non
     """The worker process: load the model, then answer one message at a time until QUIT or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     [inference worker] %(message)s")
-    _region, pixels = _map_pixels(pixels_path, config.capacity, create=False)
+    _region, pixels = _map_pixels(pixels_path, config.slots, config.capacity, create=False)
     try:
         predictor = load_predictor(config)
     except (ArtifactError, ValueError, OSError) as exc:
@@ -278,8 +297,8 @@ def _worker_main(conn: Connection, pixels_path: str, config: ModelConfig) -> Non
         op = message[:1]
         try:
             if op == PREDICT:
-                images, under_load = int.from_bytes(message[1:5], "little"), message[5:6] == b"\x01"
-                conn.send_bytes(OK + predictor.predict(pixels[:images], under_load=under_load).tobytes())
+                images, under_load, slot = int.from_bytes(message[1:5], "little"), message[5] == 1, message[6]
+                conn.send_bytes(OK + predictor.predict(pixels[slot, :images], under_load=under_load).tobytes())
                 predictor.record_drift()  # after the reply: the client is not waiting for this
             elif op == DRIFT:
                 report = predictor.drift_report()

@@ -165,6 +165,8 @@ def test_constructor_validates() -> None:
         MicroBatcher(Recorder(), max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue"):
         MicroBatcher(Recorder(), max_batch_size=8, max_queue=4)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        MicroBatcher(Recorder(), max_batch_size=8, max_in_flight=0)
 
 
 async def test_in_thread_runs_blocking_infer_off_the_event_loop_one_call_at_a_time() -> None:
@@ -234,7 +236,50 @@ async def test_batch_waited_tells_infer_when_requests_queued_behind_a_running_ba
     await asyncio.sleep(0.02)
     gate.set()
     await asyncio.gather(first, *queued)
-    assert not batcher.batch_waited, "only while infer runs"
     await batcher.submit(3, size=1, timeout=5)  # idle again
     assert seen == [([0], False), ([1, 2], True), ([3], False)]
     await batcher.stop()
+
+
+async def test_with_two_in_flight_the_next_batch_goes_early_once_it_is_as_big_as_the_running_one() -> None:
+    started: list[list[int]] = []
+    gates = [asyncio.Event() for _ in range(4)]
+
+    async def infer(payloads: list[int]) -> list[int]:
+        call = len(started)
+        started.append(list(payloads))
+        await gates[call].wait()
+        return [p * 10 for p in payloads]
+
+    batcher = MicroBatcher(infer, max_batch_size=8, max_in_flight=2)
+    batcher.start()
+    a = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in range(3)]  # one batch of 3 runs
+    await asyncio.sleep(0.02)
+    b = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in (10, 11)]
+    await asyncio.sleep(0.02)
+    assert started == [[0, 1, 2]], "2 images queued behind a 3-image batch wait for it: batches do not shrink"
+    b.append(asyncio.create_task(batcher.submit(12, size=1, timeout=5)))
+    await asyncio.sleep(0.02)
+    assert started == [[0, 1, 2], [10, 11, 12]], "as big as the running batch: handed over while it runs"
+    c = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in (20, 21, 22, 23)]
+    await asyncio.sleep(0.02)
+    assert len(started) == 2, "never more than max_in_flight batches at once"
+    gates[1].set()  # the second finishes first: its callers are answered at once
+    assert await asyncio.gather(*b) == [100, 110, 120]
+    await asyncio.sleep(0.02)
+    assert started[2] == [20, 21, 22, 23]
+    for gate in gates:
+        gate.set()
+    assert await asyncio.gather(*a, *c) == [0, 10, 20, 200, 210, 220, 230]
+    await batcher.stop()
+
+
+async def test_stop_drains_every_batch_in_flight() -> None:
+    infer = Recorder(delay=0.05)
+    batcher = MicroBatcher(infer, max_batch_size=2, max_in_flight=2)
+    batcher.start()
+    tasks = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in range(7)]
+    await asyncio.sleep(0)
+    await batcher.stop()
+    assert [t.result() for t in tasks] == [i * 10 for i in range(7)]
+    assert sorted(p for batch in infer.batches for p in batch) == list(range(7))

@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,25 @@ async def test_a_dead_worker_fails_the_call_in_flight_and_reports_its_exit(
         await model.drift_report()
     await model.close()  # reaps it; no error
     assert exits == [model], "the owner hears about one death once"
+
+
+@pytest.mark.parametrize("kind", [WorkerModel, LocalModel])
+async def test_overlapping_calls_are_answered_in_order_each_from_its_own_slot(
+    kind: type[WorkerModel] | type[LocalModel], tiny_artifact_dir: Path, tiny_artifact: Artifact, test_images
+) -> None:  # type: ignore[no-untyped-def]
+    x = test_images[0][:48, None].astype(np.float32)
+    model: ServedModel = await kind.start(replace(_config(tiny_artifact_dir), slots=2))
+    try:
+        parts = [x[i : i + 8] for i in range(0, 48, 8)]
+        # six calls at once over two slots: each waits for a free slot, none reads another's pixels
+        results = await asyncio.gather(*(model.predict([p], under_load=i % 2 == 0) for i, p in enumerate(parts)))
+        np.testing.assert_allclose(np.concatenate(results), direct_probabilities(tiny_artifact, x), atol=1e-6)
+        cancelled = asyncio.create_task(model.predict([x[:16]]))  # a caller that goes away mid-call
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        again = await model.predict([x[16:24]])  # its reply is not taken for this call's
+        np.testing.assert_allclose(again, direct_probabilities(tiny_artifact, x[16:24]), atol=1e-6)
+        report = await model.drift_report()
+        assert report is not None and report.images_seen + report.images_unmonitored >= 56
+    finally:
+        await model.close()
