@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--servers", default="bnserve,bnserve-nodrift,bnserve-alldrift,bnserve-thread,naive,ceiling")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level; figures are medians")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level; figures are medians")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     levels = [int(c) for c in a.concurrency.split(",")]
