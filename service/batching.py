@@ -109,7 +109,7 @@ class MicroBatcher(Generic[P, R]):
         self._queue: deque[_Item[P, R]] = deque()
         self._queued_images = 0
         self._closed = False
-        self._wake: asyncio.Future[None] | None = None  # set while the dispatcher waits for requests
+        self._wake: asyncio.Future[None] | None = None  # what waiting lanes await (see _wait_for_requests)
         self._task: asyncio.Task[None] | None = None
         self._running = 0  # batches in infer
         self._taking = False  # a lane is gathering a batch

@@ -166,13 +166,13 @@ class Predictor:
         if len(pixels) >= INLINE_DRIFT_IMAGES:
             with self._drift_lock:
                 drift = self._fold_kept()  # smaller batches answered earlier go first: the window keeps arrival order
-                hooks = self.recorder.seconds
+                hooks_before = self.recorder.seconds
                 forward_started = time.perf_counter()
                 with self.recorder.capture() as moments:
                     probs = self._forward(pixels)
                 updating = time.perf_counter()
                 self.monitor.update(moments)
-                hooks = self.recorder.seconds - hooks
+                hooks = self.recorder.seconds - hooks_before  # moments computed inside the forward pass
                 drift += hooks + time.perf_counter() - updating
                 if under_load:
                     self._budget.account(updating - forward_started - hooks, drift)

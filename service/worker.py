@@ -96,8 +96,9 @@ class WorkerModel(ServedModel):
         self._region = region
         self._pixels = pixels
         self._on_exit = on_exit
-        self._free_slots = list(range(config.slots))
-        self._slots = asyncio.Semaphore(config.slots)  # counts the free slots
+        self._free_slots: asyncio.Queue[int] = asyncio.Queue()  # pixel slots no call in flight is using
+        for slot in range(config.slots):
+            self._free_slots.put_nowait(slot)
         self._pending: deque[asyncio.Future[bytes]] = deque()  # one per call sent, in order: replies come in order
         self._alive = True
         self._closing = False
@@ -135,8 +136,7 @@ class WorkerModel(ServedModel):
             pixels = np.concatenate(payloads)
             parts = [pixels[i : i + capacity] for i in range(0, images, capacity)]
             return np.concatenate([await self.predict([part], under_load=under_load) for part in parts])
-        await self._slots.acquire()
-        slot = self._free_slots.pop()
+        slot = await self._free_slots.get()
         target = self._pixels[slot, :images]
         if len(payloads) == 1:
             target[...] = payloads[0]
@@ -144,13 +144,9 @@ class WorkerModel(ServedModel):
             np.concatenate(payloads, out=target)
         message = PREDICT + images.to_bytes(4, "little") + bytes([under_load, slot])
         # the slot is free once the worker has answered (or died), not when this caller stops waiting
-        reply = await self._call(message, on_reply=lambda: self._free_slot(slot))
+        reply = await self._call(message, on_reply=lambda: self._free_slots.put_nowait(slot))
         # a copy: the view at byte offset 1 is unaligned, and numpy takes slow paths on unaligned arrays
         return np.frombuffer(reply, np.float32, offset=1).reshape(images, len(self.class_names)).copy()
-
-    def _free_slot(self, slot: int) -> None:
-        self._free_slots.append(slot)
-        self._slots.release()
 
     async def drift_report(self) -> DriftReport | None:
         reply = await self._call(DRIFT)
@@ -179,15 +175,15 @@ class WorkerModel(ServedModel):
             self._region.close()
 
     async def _call(self, message: bytes, on_reply: Callable[[], None] | None = None) -> bytes:
-        """Send one message and wait for its reply (replies come in the order the messages were sent)."""
-        if not self._alive:
-            if on_reply is not None:
-                on_reply()
-            raise WorkerDiedError(f"the inference worker (pid {self.pid}) is not running")
+        """Send one message and wait for its reply (replies come in the order the messages were sent). `on_reply`
+        runs once the call is over for the worker: answered, failed, or never sent."""
         future: asyncio.Future[bytes] = self._loop.create_future()
         future.add_done_callback(_retrieve)  # a call whose caller was cancelled must not log "never retrieved"
         if on_reply is not None:
             future.add_done_callback(lambda _f: on_reply())
+        if not self._alive:
+            future.cancel()
+            raise WorkerDiedError(f"the inference worker (pid {self.pid}) is not running")
         try:
             self._conn.send_bytes(message)
         except OSError:  # a broken pipe: the worker died and its EOF has not been read yet
