@@ -12,6 +12,7 @@ from starlette.types import ASGIApp
 
 from service.errors import install_error_handlers
 from service.fastpath import PredictFastPath
+from service.heap import HeapTrimmer, trim_heap_periodically
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.routes import health, v1, v2
@@ -39,10 +40,11 @@ def create_app(settings: Settings) -> FastAPI:
         state.batcher.start()
         loader = asyncio.create_task(state.load_initial())
         watcher = asyncio.create_task(watch_artifact(state)) if settings.reload_poll_seconds > 0 else None
+        trimmer = asyncio.create_task(trim_heap_periodically(HeapTrimmer()))
         try:
             yield
         finally:
-            for task in (loader, watcher):
+            for task in (loader, watcher, trimmer):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
