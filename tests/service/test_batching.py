@@ -219,12 +219,12 @@ async def test_a_failing_dispatch_never_stops_the_batcher() -> None:
     await batcher.stop()
 
 
-async def test_batch_waited_tells_infer_when_requests_queued_behind_a_running_batch() -> None:
+async def test_batch_under_load_tells_infer_when_requests_queued_or_came_together() -> None:
     seen: list[tuple[list[int], bool]] = []
     gate = asyncio.Event()
 
     async def infer(payloads: list[int]) -> list[int]:
-        seen.append((list(payloads), batcher.batch_waited))
+        seen.append((list(payloads), batcher.batch_under_load))
         await gate.wait()
         return payloads
 
@@ -236,8 +236,9 @@ async def test_batch_waited_tells_infer_when_requests_queued_behind_a_running_ba
     await asyncio.sleep(0.02)
     gate.set()
     await asyncio.gather(first, *queued)
-    await batcher.submit(3, size=1, timeout=5)  # idle again
-    assert seen == [([0], False), ([1, 2], True), ([3], False)]
+    await batcher.submit(3, size=1, timeout=5)  # idle again: alone
+    await asyncio.gather(*(batcher.submit(i, size=1, timeout=5) for i in (4, 5, 6)))  # together, none queued
+    assert seen == [([0], False), ([1, 2], True), ([3], False), ([4, 5, 6], True)]
     await batcher.stop()
 
 
@@ -253,14 +254,14 @@ async def test_with_two_in_flight_the_next_batch_goes_early_once_it_is_as_big_as
 
     batcher = MicroBatcher(infer, max_batch_size=8, max_in_flight=2)
     batcher.start()
-    a = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in range(3)]  # one batch of 3 runs
+    a = [asyncio.create_task(batcher.submit(0, size=3, timeout=5))]  # one batch of 3 images runs
     await asyncio.sleep(0.02)
     b = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in (10, 11)]
     await asyncio.sleep(0.02)
-    assert started == [[0, 1, 2]], "2 images queued behind a 3-image batch wait for it: batches do not shrink"
+    assert started == [[0]], "2 images queued behind a 3-image batch wait for it: batches do not shrink"
     b.append(asyncio.create_task(batcher.submit(12, size=1, timeout=5)))
     await asyncio.sleep(0.02)
-    assert started == [[0, 1, 2], [10, 11, 12]], "as big as the running batch: handed over while it runs"
+    assert started == [[0], [10, 11, 12]], "as big as the running batch: handed over while it runs"
     c = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in (20, 21, 22, 23)]
     await asyncio.sleep(0.02)
     assert len(started) == 2, "never more than max_in_flight batches at once"
@@ -270,8 +271,32 @@ async def test_with_two_in_flight_the_next_batch_goes_early_once_it_is_as_big_as
     assert started[2] == [20, 21, 22, 23]
     for gate in gates:
         gate.set()
-    assert await asyncio.gather(*a, *c) == [0, 10, 20, 200, 210, 220, 230]
+    assert await asyncio.gather(*a, *c) == [0, 200, 210, 220, 230]
     await batcher.stop()
+
+
+async def test_requests_arriving_together_at_an_idle_model_are_split_so_two_batches_overlap() -> None:
+    started: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def infer(payloads: list[int]) -> list[int]:
+        started.append(list(payloads))
+        await gate.wait()
+        return payloads
+
+    batcher = MicroBatcher(infer, max_batch_size=32, max_in_flight=2)
+    batcher.start()
+    tasks = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in range(8)]
+    await asyncio.sleep(0.02)
+    assert started == [[0, 1, 2, 3], [4, 5, 6, 7]], "half each: the model never waits for the loop to answer all 8"
+    gate.set()
+    assert await asyncio.gather(*tasks) == list(range(8))
+    one = MicroBatcher(infer, max_batch_size=32, max_in_flight=1)
+    one.start()
+    started.clear()
+    assert await asyncio.gather(*(one.submit(i, size=1, timeout=5) for i in range(8))) == list(range(8))
+    assert started == [list(range(8))], "one in flight: nothing to overlap with, so no split"
+    await asyncio.gather(batcher.stop(), one.stop())
 
 
 async def test_stop_drains_every_batch_in_flight() -> None:
