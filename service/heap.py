@@ -26,13 +26,24 @@ TRIM_INTERVAL = 1.0  # seconds between looks at the heap
 FREE_BYTES_TO_TRIM = 16 * 1024 * 1024  # steady load leaves 3-10 MB free; a burst of big bodies, 20-40 MB
 
 
+_MALLINFO2_FIELDS = (
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",  # free bytes: what trim_if_worth_it reads
+    "keepcost",
+)
+
+
 class _MallInfo2(ctypes.Structure):
     """glibc's `struct mallinfo2` (malloc.h, glibc ≥ 2.33)."""
 
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
-    ] + [("keepcost", ctypes.c_size_t)]
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2_FIELDS]
 
 
 def rss_bytes() -> int:
