@@ -183,7 +183,13 @@ async def test_reloads_under_load_lose_nothing_and_switch_models_atomically(
     assert by_version == {a, b}
 
 
-async def wait_for_version(client: httpx.AsyncClient, version: str, timeout: float = 15) -> float:
+# A swap is picked up within one poll, then a new inference worker starts: it imports torch (3 s on an idle 2-core
+# VM), loads and warms the model. Under this test's load that took 5.1 s once (a CI run of a 5-s bound failed).
+# How fast is the benchmark's business; this bound only says the swap was seen, not left to a later event.
+RELOAD_SEEN_WITHIN = 15.0
+
+
+async def wait_for_version(client: httpx.AsyncClient, version: str, timeout: float = RELOAD_SEEN_WITHIN) -> float:
     """Poll predictions until they come from `version`; returns when that was (time.monotonic())."""
     deadline = time.monotonic() + timeout
     body = {"instances": [[0.0] * 784]}
@@ -211,7 +217,7 @@ async def test_file_watch_reloads_on_a_swap_and_refuses_a_corrupt_artifact(
                 published_b = time.monotonic()
                 publish(art_b.path, live_dir)
                 seen_b = await wait_for_version(client, b)
-                assert seen_b - published_b < 5
+                assert seen_b - published_b < RELOAD_SEEN_WITHIN
                 # A's model.json (copied with its mtime) over corrupted weights: refused, B keeps serving.
                 publish(corrupt_weights(art_a.path, tmp_path / "bad"), live_dir)
                 deadline = time.monotonic() + 10
@@ -227,7 +233,7 @@ async def test_file_watch_reloads_on_a_swap_and_refuses_a_corrupt_artifact(
                 published_a = time.monotonic()
                 publish(art_a.path, live_dir)
                 seen_a = await wait_for_version(client, a)
-                assert seen_a - published_a < 5
+                assert seen_a - published_a < RELOAD_SEEN_WITHIN
                 metrics = (await client.get("/metrics")).text
                 assert metric(metrics, "bnserve_model_reloads_total", result="success") == 2
                 await load.wait_for_answers(20)
