@@ -44,7 +44,6 @@ class _Item(Generic[P, R]):
     future: asyncio.Future[R]
     enqueued: float
     deadline: float
-    waited: bool  # it arrived while a batch was running, so it waited for the model
 
 
 def _expire(future: asyncio.Future[R], timeout: float) -> None:
@@ -63,11 +62,7 @@ class MicroBatcher(Generic[P, R]):
     themselves. A positive delay makes it wait up to that long for a fuller batch.
 
     `infer` gets the payloads of one batch, in queue order, and returns one result per payload. If it raises,
-    every request in that batch gets the exception. When `infer` is called, `batch_under_load` says whether the
-    batch shows load: a request of it arrived while an earlier batch was running, or it holds more than one
-    request (they arrived together). The drift monitor then keeps to its budget (service/predictor.py). The second
-    case matters: at c=32 every client's request can arrive between two batches, and the server then ran one batch
-    of 32 at a time, each looking unqueued, monitored in full, at 0.71 of the throughput with drift off.
+    every request in that batch gets the exception.
 
     With `max_in_flight` = 2 the next batch is handed over while one still runs, so the model goes from one batch
     straight to the next instead of idling until the event loop has answered the last one and formed the next
@@ -116,7 +111,6 @@ class MicroBatcher(Generic[P, R]):
         self._running = 0  # batches in infer
         self._taking = False  # a lane is gathering a batch
         self._last_size = 0  # images of the batch taken last
-        self.batch_under_load = False
 
     @property
     def queued_images(self) -> int:
@@ -136,7 +130,7 @@ class MicroBatcher(Generic[P, R]):
             raise QueueFullError(f"the inference queue is full ({self._queued_images} images waiting)")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        item: _Item[P, R] = _Item(payload, size, loop.create_future(), now, now + timeout, self._running > 0)
+        item: _Item[P, R] = _Item(payload, size, loop.create_future(), now, now + timeout)
         self._queue.append(item)
         self._queued_images += size
         self._notify()
@@ -248,7 +242,6 @@ class MicroBatcher(Generic[P, R]):
         if not live:
             return
         started = time.perf_counter()
-        self.batch_under_load = len(live) > 1 or live[0].waited  # read by infer as it starts
         self._running += 1
         if self._queue:
             self._notify()  # another lane may hand over the rest now (see _take_batch)

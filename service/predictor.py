@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,30 +24,45 @@ INLINE_DRIFT_IMAGES = DRIFT_CHUNK // 2  # batches this big compute their moments
 
 
 class DriftBudget:
-    """Under load, lets the drift work take at most `fraction` of the time of the forward passes it rides on.
+    """Lets the drift work take at most `fraction` of the wall-clock time, whatever the load.
 
-    Every forward pass under load earns `fraction` × its time, and drift work spends the time it took. A batch is
-    monitored while the balance is not negative, so over any stretch of load the drift work stays within `fraction`
-    of the forward passes' time, give or take one batch. Batches past it are served unmonitored: the window fills
-    from an evenly spread sample of the traffic instead of all of it. A fraction of 1 monitors every image.
+    The budget earns `fraction` × the time that passes, and drift work spends the time it took. A batch is
+    monitored while the balance is not negative, so over any stretch of time the drift work stays within `fraction`
+    of it, give or take one batch. Credit saved while idle is capped at `fraction` × `horizon`: after a quiet spell a
+    burst is monitored in full only until that is spent. A lightly loaded server monitors every image (its drift
+    work needs less than its share); once traffic would make the drift work take more (requests queue, or one client
+    sends back to back), the window fills from an evenly spread sample instead of all of it. A fraction of 1
+    monitors every image.
     """
 
-    def __init__(self, fraction: float) -> None:
+    def __init__(
+        self, fraction: float, *, horizon: float = 1.0, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError("the drift budget must be in (0, 1]")
         self.fraction = fraction
-        self.balance = 0.0  # seconds
+        self._cap = fraction * horizon  # seconds of drift work
+        self._clock = clock
+        self._earned_until = clock()
+        self.balance = self._cap  # a server starts idle
 
     @property
     def unlimited(self) -> bool:
         return self.fraction >= 1.0
 
     def allows(self) -> bool:
-        return self.unlimited or self.balance >= 0.0
+        """Whether the next batch may be monitored."""
+        if self.unlimited:
+            return True
+        now = self._clock()
+        self.balance = min(self._cap, self.balance + self.fraction * (now - self._earned_until))
+        self._earned_until = now
+        return self.balance >= 0.0
 
-    def account(self, forward_seconds: float, drift_seconds: float) -> None:
+    def spend(self, seconds: float) -> None:
+        """Drift work took this long."""
         if not self.unlimited:
-            self.balance += self.fraction * forward_seconds - drift_seconds
+            self.balance -= seconds
 
 
 @dataclass(frozen=True)
@@ -87,8 +103,7 @@ class Predictor:
         self._unrecorded_images = 0
         self._drift_lock = threading.Lock()
         self._budget = DriftBudget(drift_budget)
-        self._charge_folds = False  # whether the next fold of kept inputs is work done under load
-        self.images_unmonitored = 0  # served under load past the drift budget
+        self.images_unmonitored = 0  # served past the drift budget
         self.monitor: DriftMonitor | None = None
         if drift_window is not None:
             if artifact.calibration is None:
@@ -140,11 +155,10 @@ class Predictor:
             with self._drift_lock, torch.inference_mode():
                 self.recorder.moments(inputs)
 
-    def predict(self, pixels: np.ndarray, *, under_load: bool = False) -> np.ndarray:
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
         """(N, 1, 28, 28) float32 pixels in [0, 1] → (N, classes) float32 probabilities; feeds the drift window.
 
-        `under_load` (requests are queueing for the model) puts the drift work on its budget (DriftBudget): a batch
-        past it is answered without feeding the window. Otherwise every image is monitored.
+        The drift work keeps to its budget (DriftBudget): a batch past it is answered without feeding the window.
 
         Where the drift moments are computed depends on the batch (measured in bench/README.md):
         - a batch of at least INLINE_DRIFT_IMAGES images computes them in the BN hooks, during the forward pass: the
@@ -156,36 +170,31 @@ class Predictor:
         """
         if self.recorder is None or self.monitor is None:
             return self._forward(pixels)
-        started = time.perf_counter()
-        if under_load and not self._budget.allows():
+        with self._drift_lock:
+            monitored = self._budget.allows()
+        if not monitored:
             probs = self._forward(pixels)
             with self._drift_lock:
-                self._budget.account(time.perf_counter() - started, 0.0)
                 self.images_unmonitored += len(pixels)
             return probs
         if len(pixels) >= INLINE_DRIFT_IMAGES:
             with self._drift_lock:
                 drift = self._fold_kept()  # smaller batches answered earlier go first: the window keeps arrival order
                 hooks_before = self.recorder.seconds
-                forward_started = time.perf_counter()
                 with self.recorder.capture() as moments:
                     probs = self._forward(pixels)
                 updating = time.perf_counter()
                 self.monitor.update(moments)
-                hooks = self.recorder.seconds - hooks_before  # moments computed inside the forward pass
-                drift += hooks + time.perf_counter() - updating
-                if under_load:
-                    self._budget.account(updating - forward_started - hooks, drift)
+                # the moments computed inside the forward pass, and the update
+                drift += self.recorder.seconds - hooks_before + time.perf_counter() - updating
+                self._budget.spend(drift)
             return probs
         with self.recorder.capture_inputs() as inputs:
             probs = self._forward(pixels)
         with self._drift_lock:
             self._unrecorded.append(inputs)
             self._unrecorded_images += len(pixels)
-            self._charge_folds = under_load
-            if under_load:
-                self._budget.account(time.perf_counter() - started, 0.0)  # the fold is charged when it runs
-        return probs
+        return probs  # the moments are computed, and charged to the budget, when record_drift folds them in
 
     def record_drift(self, min_images: int = DRIFT_CHUNK) -> None:
         """Fold the BN inputs kept from small batches into the drift window once `min_images` images wait.
@@ -196,9 +205,7 @@ class Predictor:
             return
         with self._drift_lock:  # also keeps the recorder's scratch buffers to one thread at a time
             if self._unrecorded_images >= min_images:
-                seconds = self._fold_kept()
-                if self._charge_folds:
-                    self._budget.account(0.0, seconds)
+                self._budget.spend(self._fold_kept())
 
     def _fold_kept(self) -> float:
         """(Holding the drift lock.) Moments of every kept BN input, in one pass, into the window; its seconds."""

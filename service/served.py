@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ class ModelConfig:
     capacity: int  # most images in one forward pass (each slot of the shared region holds this many)
     log_level: str = "info"
     slots: int = 1  # batches that may be in flight at once (the batcher's max_in_flight)
-    drift_budget: float = 1.0  # under load, the drift work's most time as a fraction of the forward passes' (1: no cap)
+    drift_budget: float = 1.0  # the drift work's most time as a fraction of wall-clock time (1: no cap)
     call_timeout: float = 30.0  # a worker silent this long is taken for hung: killed, then replaced
 
 
@@ -67,11 +66,8 @@ class ServedModel(ABC):
         return True
 
     @abstractmethod
-    async def predict(self, payloads: list[np.ndarray], *, under_load: bool = False) -> np.ndarray:
-        """One forward pass over the requests' images, in order: (Σ N, 1, 28, 28) → (Σ N, classes) float32.
-
-        `under_load`: requests are queueing for the model, so the drift work keeps to its budget.
-        """
+    async def predict(self, payloads: list[np.ndarray]) -> np.ndarray:
+        """One forward pass over the requests' images, in order: (Σ N, 1, 28, 28) → (Σ N, classes) float32."""
 
     @abstractmethod
     async def drift_report(self) -> DriftReport | None:
@@ -98,10 +94,9 @@ class LocalModel(ServedModel):
     async def start(cls, config: ModelConfig) -> LocalModel:
         return cls(await asyncio.to_thread(load_predictor, config))
 
-    async def predict(self, payloads: list[np.ndarray], *, under_load: bool = False) -> np.ndarray:
+    async def predict(self, payloads: list[np.ndarray]) -> np.ndarray:
         pixels = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
-        predict = functools.partial(self.predictor.predict, pixels, under_load=under_load)
-        probs = await asyncio.get_running_loop().run_in_executor(self._executor, predict)
+        probs = await asyncio.get_running_loop().run_in_executor(self._executor, self.predictor.predict, pixels)
         self._executor.submit(self.predictor.record_drift)  # after the answer and before the next batch (FIFO)
         return probs
 

@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     drift_top_channels: int = Field(5, ge=0, le=64)
     drift_budget: float = Field(
         0.02, gt=0.0, le=1.0,
-        description="while requests queue for the model, the drift work may take this fraction of the forward "
-        "passes' time; batches past it go unmonitored (1: monitor every image)",
+        description="the drift work may take this fraction of the inference worker's wall-clock time; batches "
+        "past it go unmonitored (1: monitor every image)",
     )  # fmt: skip
 
     # Admin: routes are disabled (404) unless a token is set.

@@ -82,7 +82,7 @@ class ServingState:
         if model is None:
             raise RuntimeError("no model loaded")
         try:
-            probs = await model.predict(payloads, under_load=self.batcher.batch_under_load)
+            probs = await model.predict(payloads)
         except WorkerDiedError:
             raise _restarting() from None
         top = probs.argmax(axis=1)

@@ -7,7 +7,7 @@ keeps the drift window; the event loop's process only moves bytes:
 
 - pixels: the parent writes each batch into a slot of a shared-memory region (a file in /dev/shm, mapped by both
   sides); there is one slot per batch that may be in flight (`ModelConfig.slots`);
-- requests and replies: one pipe, one message each way per batch (`PREDICT n under_load slot` → `OK` + the float32
+- requests and replies: one pipe, one message each way per batch (`PREDICT n slot` → `OK` + the float32
   probabilities). The parent reads replies from the event loop (`add_reader`), so no thread of its own waits.
 
 The worker answers messages in order, so replies match calls first in, first out, and a second batch sent while
@@ -129,20 +129,20 @@ class WorkerModel(ServedModel):
     def alive(self) -> bool:
         return self._alive
 
-    async def predict(self, payloads: list[np.ndarray], *, under_load: bool = False) -> np.ndarray:
+    async def predict(self, payloads: list[np.ndarray]) -> np.ndarray:
         images = sum(len(p) for p in payloads)
         capacity = self._config.capacity
         if images > capacity:  # only when one request holds more images than a batch may: run it in parts
             pixels = np.concatenate(payloads)
             parts = [pixels[i : i + capacity] for i in range(0, images, capacity)]
-            return np.concatenate([await self.predict([part], under_load=under_load) for part in parts])
+            return np.concatenate([await self.predict([part]) for part in parts])
         slot = await self._free_slots.get()
         target = self._pixels[slot, :images]
         if len(payloads) == 1:
             target[...] = payloads[0]
         else:
             np.concatenate(payloads, out=target)
-        message = PREDICT + images.to_bytes(4, "little") + bytes([under_load, slot])
+        message = PREDICT + images.to_bytes(4, "little") + bytes([slot])
         # the slot is free once the worker has answered (or died), not when this caller stops waiting
         reply = await self._call(message, on_reply=lambda: self._free_slots.put_nowait(slot))
         # a copy: the view at byte offset 1 is unaligned, and numpy takes slow paths on unaligned arrays
@@ -293,8 +293,8 @@ def _worker_main(conn: Connection, pixels_path: str, config: ModelConfig) -> Non
         op = message[:1]
         try:
             if op == PREDICT:
-                images, under_load, slot = int.from_bytes(message[1:5], "little"), message[5] == 1, message[6]
-                conn.send_bytes(OK + predictor.predict(pixels[slot, :images], under_load=under_load).tobytes())
+                images, slot = int.from_bytes(message[1:5], "little"), message[5]
+                conn.send_bytes(OK + predictor.predict(pixels[slot, :images]).tobytes())
                 predictor.record_drift()  # after the reply: the client is not waiting for this
             elif op == DRIFT:
                 report = predictor.drift_report()

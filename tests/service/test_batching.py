@@ -219,29 +219,6 @@ async def test_a_failing_dispatch_never_stops_the_batcher() -> None:
     await batcher.stop()
 
 
-async def test_batch_under_load_tells_infer_when_requests_queued_or_came_together() -> None:
-    seen: list[tuple[list[int], bool]] = []
-    gate = asyncio.Event()
-
-    async def infer(payloads: list[int]) -> list[int]:
-        seen.append((list(payloads), batcher.batch_under_load))
-        await gate.wait()
-        return payloads
-
-    batcher = MicroBatcher(infer, max_batch_size=8)
-    batcher.start()
-    first = asyncio.create_task(batcher.submit(0, size=1, timeout=5))  # the model is idle: it runs at once
-    await asyncio.sleep(0.02)
-    queued = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in (1, 2)]
-    await asyncio.sleep(0.02)
-    gate.set()
-    await asyncio.gather(first, *queued)
-    await batcher.submit(3, size=1, timeout=5)  # idle again: alone
-    await asyncio.gather(*(batcher.submit(i, size=1, timeout=5) for i in (4, 5, 6)))  # together, none queued
-    assert seen == [([0], False), ([1, 2], True), ([3], False), ([4, 5, 6], True)]
-    await batcher.stop()
-
-
 async def test_with_two_in_flight_the_next_batch_goes_early_once_it_is_as_big_as_the_running_one() -> None:
     started: list[list[int]] = []
     gates = [asyncio.Event() for _ in range(4)]

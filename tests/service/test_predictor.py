@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,32 +61,54 @@ def test_without_monitoring_there_is_nothing_to_record(tiny_artifact_dir: Path, 
     assert p.drift_report() is None
 
 
-def test_drift_budget_keeps_drift_time_within_its_fraction_of_forward_time() -> None:
-    budget = DriftBudget(0.1)
-    forward, drift, monitored = 0.0, 0.0, 0
-    for _ in range(1000):  # batches of 10 ms forward; monitoring one costs 3 ms (30 %, over the 10 % budget)
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_drift_budget_keeps_drift_work_within_its_fraction_of_wall_clock_time() -> None:
+    clock = FakeClock()
+    budget = DriftBudget(0.1, clock=clock)
+    start, drift, monitored = clock.now, 0.0, 0
+    for _ in range(1000):  # back to back: a batch every 10 ms; monitoring one takes 3 ms (30 %, over the 10 % budget)
         if budget.allows():
             monitored += 1
-            budget.account(0.010, 0.003)
+            budget.spend(0.003)
             drift += 0.003
-        else:
-            budget.account(0.010, 0.0)
-        forward += 0.010
-    assert drift <= 0.1 * forward + 0.003, "within the fraction, give or take one batch"
-    assert monitored >= 320, "and it spends what it earns: about a third of the batches are monitored"
-    assert DriftBudget(1.0).unlimited
+        clock.now += 0.010
+    assert drift <= 0.1 * (clock.now - start) + 0.1 + 0.003, "its fraction, the credit it started with, one batch"
+    assert 330 <= monitored <= 370, "and it spends what it earns: about a third of the batches are monitored"
+
+
+def test_drift_budget_monitors_everything_at_low_traffic_and_caps_the_credit_of_a_quiet_spell() -> None:
+    clock = FakeClock()
+    budget = DriftBudget(0.02, clock=clock)  # 2 % of 1 s banked at most: 20 ms
+    for _ in range(100):  # one batch every 200 ms costing 3 ms: 1.5 % of the time, within the budget
+        assert budget.allows()
+        budget.spend(0.003)
+        clock.now += 0.200
+    clock.now += 3600.0  # an hour idle banks no more than the cap
+    burst = 0
+    while budget.allows():
+        budget.spend(0.003)
+        burst += 1
+    assert burst == 7, "20 ms of credit pays for 7 batches of 3 ms, then the burst is sampled"
+    assert DriftBudget(1.0).unlimited and DriftBudget(1.0).allows()
     with pytest.raises(ValueError, match="drift budget"):
         DriftBudget(0.0)
 
 
-def test_under_load_past_the_budget_images_go_unmonitored_and_are_counted(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
+def test_past_the_budget_images_go_unmonitored_and_are_counted(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
     images = test_images[0][:, None]
-    p = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=0.001)
+    p = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=0.001)  # 1 ms of credit, then 0.1 %
     served = 0
-    for n in (32, 32, 32, 4, 4, 4, 32, 1):  # inline and deferred batches
-        probs = p.predict(images[:n], under_load=True)
+    for n in (32, 32, 32, 4, 4, 4, 32, 1) * 3:  # inline and deferred batches, back to back
+        probs = p.predict(images[:n])
         np.testing.assert_allclose(probs, p.predict(images[:n]), atol=1e-6)  # answers never change
-        p.record_drift()
+        p.record_drift(min_images=1)
         served += 2 * n
     report = p.drift_report()
     assert report is not None
@@ -94,13 +117,16 @@ def test_under_load_past_the_budget_images_go_unmonitored_and_are_counted(tiny_a
     assert report.to_dict()["images_unmonitored"] == report.images_unmonitored
 
 
-def test_without_load_or_with_a_full_budget_every_image_is_monitored(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
+def test_at_low_traffic_or_with_a_full_budget_every_image_is_monitored(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
     images = test_images[0][:, None]
-    idle = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=0.001)
+    spaced = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=0.2)
     unlimited = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=1.0)
     for n in (32, 4, 32, 1):
-        idle.predict(images[:n])
-        unlimited.predict(images[:n], under_load=True)
-    for p in (idle, unlimited):
+        spaced.predict(images[:n])
+        spaced.record_drift(min_images=1)
+        time.sleep(0.1)  # earns 20 ms: far more than the tiny model's moments of 32 images take
+        for _ in range(20):  # back to back
+            unlimited.predict(images[:n])
+    for p, served in ((spaced, 69), (unlimited, 20 * 69)):
         report = p.drift_report()
-        assert report is not None and (report.images_seen, report.images_unmonitored) == (69, 0)
+        assert report is not None and (report.images_seen, report.images_unmonitored) == (served, 0)

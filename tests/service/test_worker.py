@@ -102,7 +102,7 @@ async def test_overlapping_calls_are_answered_in_order_each_from_its_own_slot(
     try:
         parts = [x[i : i + 8] for i in range(0, 48, 8)]
         # six calls at once over two slots: each waits for a free slot, none reads another's pixels
-        results = await asyncio.gather(*(model.predict([p], under_load=i % 2 == 0) for i, p in enumerate(parts)))
+        results = await asyncio.gather(*(model.predict([p]) for p in parts))
         np.testing.assert_allclose(np.concatenate(results), direct_probabilities(tiny_artifact, x), atol=1e-6)
         cancelled = asyncio.create_task(model.predict([x[:16]]))  # a caller that goes away mid-call
         await asyncio.sleep(0)
