@@ -11,7 +11,7 @@ def test_ratios_compare_servers_at_the_same_concurrency() -> None:
     runs = [
         run("bnserve", 32, 2000, p50=3.0, monitored=0.25), run("bnserve-nodrift", 32, 2100),
         run("bnserve-alldrift", 32, 1700), run("naive", 32, 250, p50=12.0), run("ceiling", 32, 2500),
-        run("bnserve-thread", 32, 1000), run("naive", 1, 300),
+        run("bnserve-thread", 32, 1000), run("bnserve-nodrift-2", 32, 2205), run("naive", 1, 300),
     ]  # fmt: skip
     rat = ratios(runs)
     assert rat["bnserve/naive rps"] == {32: 8.0}
@@ -19,6 +19,7 @@ def test_ratios_compare_servers_at_the_same_concurrency() -> None:
     assert rat["drift on/off rps"][32] == 2000 / 2100
     assert rat["every image monitored: drift on/off rps"][32] == 1700 / 2100
     assert rat["worker process/thread rps"] == {32: 2.0}
+    assert rat["A/A control: two identical nodrift servers rps"] == {32: 2205 / 2100}
     table = markdown(runs, rat, {"date": "d", "cpus": 2, "loader": "wrk", "duration": 10, "rounds": 2})
     assert "| bnserve | 32 | 2000 | 3.00 | 6.00 | 0 | 25 % | 500 → 501 |" in table
     assert "| naive | 1 | 300 |" in table and "| – |" in table  # no ratio where a server is missing
