@@ -49,7 +49,7 @@ class DriftReport:
     layers: list[LayerReport]
     model_threshold: float
     model_statistic: float | None
-    images_unmonitored: int = 0  # answered under load past the drift budget (service/predictor.py)
+    images_unmonitored: int = 0  # answered past the drift budget (service/predictor.py)
 
     @property
     def warming_up(self) -> bool:

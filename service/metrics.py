@@ -79,7 +79,7 @@ def drift_families(report: DriftReport) -> Iterator[Metric]:
     model_thr.add_metric([], report.model_threshold)
     images_total = CounterMetricFamily(
         "bnserve_drift_images", "images answered by this model, by whether the drift window saw them "
-        "(unmonitored: served under load past the drift budget)", labels=["monitored"],
+        "(unmonitored: served past the drift budget)", labels=["monitored"],
     )  # fmt: skip
     images_total.add_metric(["true"], report.images_seen)
     images_total.add_metric(["false"], report.images_unmonitored)
