@@ -1,4 +1,5 @@
-"""The inference worker process: the default place the forward pass runs (service/served.py has the thread kind).
+"""The inference worker process, seen from the server: the default place the forward pass runs (service/served.py
+has the thread kind; service/worker_main.py is what runs in the process).
 
 Why a process: the event loop (HTTP, JSON, responses) and an inference thread share one GIL, and every torch call
 gives it up and takes it back. Under load that made a 32-image forward pass take 113 ms instead of 6.6 ms
@@ -20,12 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import mmap
 import multiprocessing
 import os
-import signal
 import tempfile
 from collections import deque
 from collections.abc import Callable
@@ -36,19 +35,14 @@ import numpy as np
 import orjson
 
 from model.artifact import ArtifactError
-from model.preprocess import IMAGE_SIDE
 from service.drift import DriftReport
-from service.served import ModelConfig, ServedModel, load_predictor
+from service.served import ModelConfig, ServedModel
+from service.worker_main import DRIFT, FAILED, PREDICT, QUIT, READY, RESET, map_pixels, worker_main
 
 logger = logging.getLogger("service.worker")
 
-IMAGE_FLOATS = IMAGE_SIDE * IMAGE_SIDE
 START_TIMEOUT = 120.0  # seconds for the worker to load, verify and warm up the model
 STOP_TIMEOUT = 10.0
-
-# One byte of operation, then its arguments; replies are OK or FAILED + a message.
-PREDICT, DRIFT, RESET, QUIT = b"P", b"D", b"R", b"Q"
-READY, OK, FAILED = b"r", b"o", b"f"
 
 
 class WorkerDiedError(RuntimeError):
@@ -61,19 +55,6 @@ class WorkerError(RuntimeError):
 
 def _shared_dir() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-
-
-def _map_pixels(path: str, slots: int, capacity: int, *, create: bool) -> tuple[mmap.mmap, np.ndarray]:
-    """The shared region as (slots, capacity, 1, 28, 28) float32."""
-    size = slots * capacity * IMAGE_FLOATS * 4
-    fd = os.open(path, os.O_RDWR)
-    try:
-        if create:
-            os.ftruncate(fd, size)
-        region = mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
-    return region, np.frombuffer(region, np.float32).reshape(slots, capacity, 1, IMAGE_SIDE, IMAGE_SIDE)
 
 
 class WorkerModel(ServedModel):
@@ -112,11 +93,9 @@ class WorkerModel(ServedModel):
         fd, path = tempfile.mkstemp(prefix="bnserve-pixels-", dir=_shared_dir())
         os.close(fd)
         try:
-            region, pixels = _map_pixels(path, config.slots, config.capacity, create=True)
+            region, pixels = map_pixels(path, config.slots, config.capacity, create=True)
             parent, child = ctx.Pipe()
-            process = ctx.Process(
-                target=_worker_main, args=(child, path, config), name="bnserve-inference", daemon=True
-            )
+            process = ctx.Process(target=worker_main, args=(child, path, config), name="bnserve-inference", daemon=True)
             await asyncio.to_thread(process.start)
             child.close()  # only the worker holds its end now, so its exit reads as EOF here
             info = await asyncio.to_thread(_await_ready, parent, process)
@@ -268,47 +247,3 @@ def _await_ready(conn: Connection, process: Any) -> dict[str, Any]:
         raise ArtifactError(message[1:].decode(errors="replace"))
     info: dict[str, Any] = orjson.loads(message[1:])
     return info
-
-
-def _worker_main(conn: Connection, pixels_path: str, config: ModelConfig) -> None:
-    """The worker process: load the model, then answer one message at a time until QUIT or the parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
-    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     [inference worker] %(message)s")
-    _region, pixels = _map_pixels(pixels_path, config.slots, config.capacity, create=False)
-    try:
-        predictor = load_predictor(config)
-    except (ArtifactError, ValueError, OSError) as exc:
-        conn.send_bytes(FAILED + str(exc).encode())
-        return
-    info = {"name": predictor.name, "version": predictor.version, "sha256": predictor.artifact.sha256,
-            "class_names": predictor.class_names}  # fmt: skip
-    gc.collect()
-    gc.freeze()  # the model's long-lived objects leave the GC's scans
-    conn.send_bytes(READY + orjson.dumps(info))
-    while True:
-        try:
-            message = conn.recv_bytes()
-        except (EOFError, OSError):  # the parent is gone
-            return
-        op = message[:1]
-        try:
-            if op == PREDICT:
-                images, slot = int.from_bytes(message[1:5], "little"), message[5]
-                conn.send_bytes(OK + predictor.predict(pixels[slot, :images]).tobytes())
-                predictor.record_drift()  # after the reply: the client is not waiting for this
-            elif op == DRIFT:
-                report = predictor.drift_report()
-                conn.send_bytes(OK + orjson.dumps(None if report is None else report.to_wire()))
-            elif op == RESET:
-                predictor.reset_drift()
-                conn.send_bytes(OK)
-            elif op == QUIT:
-                conn.send_bytes(OK)
-                return
-            else:
-                conn.send_bytes(FAILED + f"unknown operation {op!r}".encode())
-        except (BrokenPipeError, ConnectionError):  # the parent is gone
-            return
-        except Exception as exc:  # a failed forward pass fails its batch, not the worker
-            logging.getLogger("service.worker").exception("inference worker call %r failed", op)
-            conn.send_bytes(FAILED + f"{type(exc).__name__}: {exc}".encode())

@@ -1,0 +1,86 @@
+"""The inference worker process's side: map the shared pixels, load the model, answer one message at a time.
+
+`service/worker.py` starts it (`WorkerModel.start`) and says why it exists; this module is what runs in it, and the
+wire format both sides speak.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import mmap
+import os
+import signal
+from multiprocessing.connection import Connection
+
+import numpy as np
+import orjson
+
+from model.artifact import ArtifactError
+from model.preprocess import IMAGE_SIDE
+from service.served import ModelConfig, load_predictor
+
+logger = logging.getLogger("service.worker")
+
+IMAGE_FLOATS = IMAGE_SIDE * IMAGE_SIDE
+
+# One byte of operation, then its arguments; replies are OK or FAILED + a message.
+PREDICT, DRIFT, RESET, QUIT = b"P", b"D", b"R", b"Q"
+READY, OK, FAILED = b"r", b"o", b"f"
+
+
+def map_pixels(path: str, slots: int, capacity: int, *, create: bool) -> tuple[mmap.mmap, np.ndarray]:
+    """The shared region as (slots, capacity, 1, 28, 28) float32."""
+    size = slots * capacity * IMAGE_FLOATS * 4
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        region = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    return region, np.frombuffer(region, np.float32).reshape(slots, capacity, 1, IMAGE_SIDE, IMAGE_SIDE)
+
+
+def worker_main(conn: Connection, pixels_path: str, config: ModelConfig) -> None:
+    """The worker process: load the model, then answer one message at a time until QUIT or the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     [inference worker] %(message)s")
+    _region, pixels = map_pixels(pixels_path, config.slots, config.capacity, create=False)
+    try:
+        predictor = load_predictor(config)
+    except (ArtifactError, ValueError, OSError) as exc:
+        conn.send_bytes(FAILED + str(exc).encode())
+        return
+    info = {"name": predictor.name, "version": predictor.version, "sha256": predictor.artifact.sha256,
+            "class_names": predictor.class_names}  # fmt: skip
+    gc.collect()
+    gc.freeze()  # the model's long-lived objects leave the GC's scans
+    conn.send_bytes(READY + orjson.dumps(info))
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        op = message[:1]
+        try:
+            if op == PREDICT:
+                images, slot = int.from_bytes(message[1:5], "little"), message[5]
+                conn.send_bytes(OK + predictor.predict(pixels[slot, :images]).tobytes())
+                predictor.record_drift()  # after the reply: the client is not waiting for this
+            elif op == DRIFT:
+                report = predictor.drift_report()
+                conn.send_bytes(OK + orjson.dumps(None if report is None else report.to_wire()))
+            elif op == RESET:
+                predictor.reset_drift()
+                conn.send_bytes(OK)
+            elif op == QUIT:
+                conn.send_bytes(OK)
+                return
+            else:
+                conn.send_bytes(FAILED + f"unknown operation {op!r}".encode())
+        except (BrokenPipeError, ConnectionError):  # the parent is gone
+            return
+        except Exception as exc:  # a failed forward pass fails its batch, not the worker
+            logger.exception("inference worker call %r failed", op)
+            conn.send_bytes(FAILED + f"{type(exc).__name__}: {exc}".encode())
