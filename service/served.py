@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from service.drift import DriftReport
+from service.heap import keep_model_heap_mapped
 from service.predictor import Predictor
 
 
@@ -36,6 +37,7 @@ class ModelConfig:
 
 def load_predictor(config: ModelConfig) -> Predictor:
     """Load, verify, self-test and warm up the model; raises ArtifactError (or ValueError, OSError)."""
+    keep_model_heap_mapped()  # activations stay mapped between forward passes (service/heap.py)
     torch.set_num_threads(config.torch_threads)
     predictor = Predictor.load(
         Path(config.artifact_dir),

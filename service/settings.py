@@ -41,7 +41,7 @@ class Settings(BaseSettings):
 
     # Micro-batching.
     max_batch_size: int = Field(
-        32, ge=1, description="most images in one forward pass (per image, 64 ran 1.3-1.5x slower than 32 on CPU)"
+        32, ge=1, description="most images in one forward pass (64: no faster at c=128 on 2 CPUs, bench/README.md)"
     )
     max_batch_delay: float = Field(0.0, ge=0.0, le=1.0, description="seconds to wait for a fuller batch (0: never)")
     max_batches_in_flight: int = Field(
