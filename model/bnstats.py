@@ -24,7 +24,7 @@ import torch
 from scipy import sparse
 from torch import nn
 
-from model.net import bn_layers
+from model.net import bn_layers, folded_affine
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,14 @@ class Moments:
         return Moments(np.concatenate([p.s1 for p in parts]), np.concatenate([p.s2 for p in parts]), parts[0].per_image)
 
 
-def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor, scratch: torch.Tensor | None = None) -> Moments:
+def per_image_moments(
+    x: torch.Tensor, ref_mean: torch.Tensor, scratch: torch.Tensor | None = None, unscale: np.ndarray | None = None
+) -> Moments:
     """Moments of a BN input x shaped (N, C) or (N, C, H, W), centred on the reference mean (C,).
+
+    `unscale` (2, 1, C) float64, for a BN layer folded into the layer before it: x is then the layer's output
+    y = x'·scale + shift, `ref_mean` where the reference mean lands (μ_r·scale + shift), and unscale holds 1 / scale
+    and 1 / scale², which turn y's sums into those of the input x' (one multiply, in float64).
 
     The per-image reduction runs in the input's float32 (pairwise summation, after centring, so there is no
     cancellation to amplify rounding: relative error ~1e-7, the input's own precision); everything after it,
@@ -102,6 +108,8 @@ def per_image_moments(x: torch.Tensor, ref_mean: torch.Tensor, scratch: torch.Te
         s1, s2, per_image = centred, centred.square(), 1
     both = torch.stack((s1, s2)).double()  # one conversion for both sums
     sums = (both if both.device.type == "cpu" else both.cpu()).numpy()
+    if unscale is not None:
+        sums *= unscale
     return Moments(sums[0], sums[1], per_image)
 
 
@@ -131,18 +139,31 @@ class BnStatsRecorder:
     >>> moments = recorder.moments(inputs)
 
     `capture_inputs` relies on nothing writing to a BN layer's input after the layer has read it, which holds for
-    the networks in model/net.py (a BN input is a convolution's or linear layer's output, read by the BN alone).
+    the networks in model/net.py (a BN input is a convolution's or linear layer's output, read by the BN alone);
+    a layer folded into the one before it (model.net.fold_batchnorm) passes its input on, so that one is copied.
+
+    Moments are always of the BN layers' inputs x, folded or not: a folded layer's hooks see its output
+    y = x·scale + shift, whose moments are mapped back exactly (float rounding aside).
     """
 
     def __init__(self, net: nn.Module) -> None:
         self.references = layer_references(net)
-        # float32 copies, shaped for broadcasting over (N, C, H, W) or (N, C) inputs: the hooks run on every batch,
-        # so nothing is converted there.
         bns = bn_layers(net)
-        self._ref_means = {
-            n: torch.from_numpy(r.mean).float().view((-1, 1, 1) if isinstance(bns[n], nn.BatchNorm2d) else (-1,))
-            for n, r in self.references.items()
-        }
+        # Where the hooks centre each layer's input: μ_r, or for a layer folded into the one before it
+        # (model.net.fold_batchnorm), whose hooks see y = x·scale + shift, where μ_r lands: μ_r·scale + shift. Then
+        # y − that = (x − μ_r)·scale, so the sums are divided by scale and scale² (float64, per channel) to give
+        # x's. float32, shaped for broadcasting over (N, C, H, W) or (N, C): the hooks run on every batch, so
+        # nothing is converted there.
+        self._centres: dict[str, torch.Tensor] = {}
+        self._unscale: dict[str, np.ndarray] = {}  # folded layers: (1 / scale, 1 / scale²), float64 (2, 1, C)
+        for n, r in self.references.items():
+            centre = torch.from_numpy(r.mean).float()
+            folded = folded_affine(bns[n])
+            if folded is not None:
+                scale, shift = (t.detach().double().cpu() for t in folded)
+                centre = (torch.from_numpy(r.mean) * scale + shift).float()
+                self._unscale[n] = np.stack([1.0 / scale.numpy(), 1.0 / scale.numpy() ** 2])[:, None, :]
+            self._centres[n] = centre.view((-1, 1, 1) if isinstance(bns[n], nn.BatchNorm2d) else (-1,))
         self._sink: Callable[[str, torch.Tensor], None] | None = None
         self._scratch: dict[str, torch.Tensor] = {}
         self.seconds = 0.0  # spent computing moments, in total (the service's drift budget reads it)
@@ -160,7 +181,7 @@ class BnStatsRecorder:
         buf = self._scratch.get(name)
         if buf is None or not fits_scratch(buf, x):  # grows to the largest batch, then stays
             buf = self._scratch[name] = torch.empty_like(x)
-        moments = per_image_moments(x, self._ref_means[name], buf)
+        moments = per_image_moments(x, self._centres[name], buf, self._unscale.get(name))
         self.seconds += time.perf_counter() - started
         return moments
 
@@ -179,7 +200,12 @@ class BnStatsRecorder:
     def capture_inputs(self) -> Iterator[dict[str, torch.Tensor]]:
         """Keep (a reference to) every BN layer's input of the forward pass run inside the block."""
         kept: dict[str, torch.Tensor] = {}
-        with self._sinking(kept.__setitem__):  # no detach: one more torch call per layer, and moments never need grad
+
+        def keep(name: str, x: torch.Tensor) -> None:  # no detach: one more torch call, and moments never need grad
+            # a folded layer's hooks see its output, which the in-place ReLU after it overwrites
+            kept[name] = x.clone() if name in self._unscale else x
+
+        with self._sinking(keep):
             yield kept
 
     @contextmanager

@@ -137,26 +137,80 @@ def bn_layers(net: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     return {name: m for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
-def freeze_batchnorm(net: nn.Module) -> None:
-    """Serve each BN layer as one fused multiply-add, its running statistics folded in: y = x·scale + shift, with
-    scale = γ/√(σ²_r + eps) and shift = β − μ_r·scale (differs from BN's own eval arithmetic by float rounding).
+FOLDABLE = (nn.Conv2d, nn.Linear)  # layers whose output channels are dim 0 of their weight, with an optional bias
+FOLD_PRECISION = 1e3  # see fold_batchnorm: the most |centre| / (|scale|·σ_r) a folded channel may have
 
-    On CPU, with channels-last activations, BatchNorm's eval kernel costs ~2.7× an `addcmul` over the same tensor;
-    this makes the served forward pass ~7 % faster (bench/README.md). The layers stay BatchNorm modules, with their
-    buffers, state dict and forward pre-hooks (the drift hooks see the same inputs); in training mode a layer runs
-    BatchNorm as usual. Call it again after changing the weights or statistics.
+
+def fold_batchnorm(net: nn.Module) -> None:
+    """Fold each eval-mode BN layer into the convolution or linear layer before it, for serving (in place, once).
+
+    In eval mode BN is y = x·scale + shift per channel, with scale = γ/√(σ²_r + eps) and shift = β − μ_r·scale. When
+    x is a convolution's output conv(a) = w∗a + b, y is the convolution with weights w·scale and bias b·scale + shift:
+    the kernel that runs anyway does BN's work (the served forward pass ~5 % faster on CPU, bench/README.md). Outputs
+    differ from BN's own arithmetic by float rounding.
+
+    The BN modules stay, with their buffers, state dict and forward pre-hooks, but a folded layer passes its input
+    through, so its pre-hooks see the layer's *output* y; `folded_affine` gives the (scale, shift) that maps it back
+    to x (model/bnstats.py does, for the drift statistics). A BN layer runs as one fused multiply-add instead
+    (`_FrozenForward`) when it does not directly follow a Conv2d or Linear in an nn.Sequential, or when a channel's
+    scale is too small to map its output back precisely: 0, or |β| > FOLD_PRECISION·|scale|·σ_r (mapping back
+    multiplies y's float32 rounding, ~1e-7·|β|, by 1 / scale).
+
+    The folded network is for inference only: its weights carry the BN layers, and a folded layer refuses to run
+    in training mode.
     """
-    for bn in bn_layers(net).values():
-        if bn.running_mean is None or bn.running_var is None:
-            continue  # no running statistics to fold in: BN normalises by the batch, eval or not
-        with torch.no_grad():
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
-        bn.forward = _FrozenForward(bn, scale, shift)  # type: ignore[method-assign,assignment]
+    for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
+        children = list(seq.children())
+        for before, bn in zip([None, *children], children, strict=False):
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or isinstance(bn.forward, _Folded | _FrozenForward):
+                continue
+            if bn.running_mean is None or bn.running_var is None:
+                continue  # no running statistics to fold in: BN normalises by the batch, eval or not
+            with torch.no_grad():
+                scale = torch.rsqrt(bn.running_var + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight
+                shift = -bn.running_mean * scale
+                if bn.bias is not None:
+                    shift = shift + bn.bias
+                if _foldable(before, bn, scale, shift):
+                    assert isinstance(before, FOLDABLE)
+                    before.weight.mul_(scale.view(-1, *([1] * (before.weight.dim() - 1))))
+                    bias = shift if before.bias is None else before.bias * scale + shift
+                    before.bias = nn.Parameter(bias.clone(), requires_grad=False)
+                    bn.forward = _Folded(bn, scale, shift)  # type: ignore[method-assign,assignment]
+                else:
+                    bn.forward = _FrozenForward(bn, scale, shift)  # type: ignore[method-assign,assignment]
+
+
+def _foldable(
+    before: nn.Module | None, bn: nn.modules.batchnorm._BatchNorm, scale: torch.Tensor, shift: torch.Tensor
+) -> bool:
+    if not isinstance(before, FOLDABLE) or before.weight.shape[0] != bn.num_features:
+        return False
+    assert bn.running_mean is not None and bn.running_var is not None
+    sigma = torch.sqrt(bn.running_var + bn.eps)
+    centre = shift + bn.running_mean * scale  # = β: where the reference mean μ_r lands
+    return bool(((scale != 0) & (centre.abs() <= FOLD_PRECISION * scale.abs() * sigma)).all())
+
+
+def folded_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift) of a BN layer folded by `fold_batchnorm`: its pre-hooks see y = x·scale + shift. Else None."""
+    folded = getattr(bn, "forward", None)
+    return (folded.scale, folded.shift) if isinstance(folded, _Folded) else None
+
+
+class _Folded:
+    """A folded BN layer's forward: the layer before it has done the work."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        self.bn = bn
+        self.scale, self.shift = scale.detach(), shift.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn.training:
+            raise RuntimeError("this BN layer is folded into the layer before it (fold_batchnorm): serving only")
+        return x
 
 
 class _FrozenForward:

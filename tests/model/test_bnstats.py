@@ -18,7 +18,7 @@ from model.bnstats import (
     per_image_moments,
     window_scores,
 )
-from model.net import NetConfig, bn_layers, build_net
+from model.net import NetConfig, bn_layers, build_net, fold_batchnorm
 from tests.reference import reference_drift
 
 EPS = 1e-5
@@ -197,6 +197,36 @@ def test_recorder_moments_match_raw_bn_inputs_of_a_real_net() -> None:
         got = drift_from_sums(m.s1.sum(axis=0), m.s2.sum(axis=0), 50 * m.per_image, ref)
         assert_drift_equal(got, reference_drift(x, ref.mean, ref.var, ref.eps), rtol=1e-5)
         assert got.score > 0.0
+
+
+@pytest.mark.parametrize("keep_inputs", [False, True])
+def test_a_folded_net_records_the_moments_of_the_unfolded_bn_inputs(keep_inputs: bool) -> None:
+    """fold_batchnorm moves each BN into the layer before it; the drift moments must not notice."""
+    x = images(9, 4)
+    unfolded, folded = small_net(), small_net()
+    with torch.no_grad():
+        for bn in bn_layers(folded).values():  # affine parameters away from (1, 0), so the map back is not trivial
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.normal_()
+    unfolded.load_state_dict(folded.state_dict())
+    fold_batchnorm(folded)
+    expected = BnStatsRecorder(unfolded)
+    recorder = BnStatsRecorder(folded)
+    with torch.inference_mode():
+        with expected.capture() as want:
+            unfolded(x)
+        if keep_inputs:  # kept, moments later: the in-place ReLU after a folded layer must not change what was kept
+            with recorder.capture_inputs() as inputs:
+                folded(x)
+            got = recorder.moments(inputs)
+        else:
+            with recorder.capture() as got:
+                folded(x)
+    assert set(got) == set(want) == set(recorder.references)
+    for name in want:
+        scale = want[name].s2.sum(axis=0) / (want[name].per_image * len(x))  # per-channel mean square, for atol
+        np.testing.assert_allclose(got[name].s1, want[name].s1, rtol=1e-4, atol=1e-5 * np.sqrt(scale).max() * 784)
+        np.testing.assert_allclose(got[name].s2, want[name].s2, rtol=1e-4, atol=1e-5 * scale.max() * 784)
 
 
 def test_recorder_records_nothing_outside_capture() -> None:

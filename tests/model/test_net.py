@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.net import NetConfig, bn_layers, build_net, freeze_batchnorm
+from model.net import NetConfig, bn_layers, build_net, fold_batchnorm, folded_affine
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -41,28 +41,63 @@ def test_config_round_trip_and_validation() -> None:
         NetConfig(dropout=1.5)
 
 
-@pytest.mark.parametrize("arch", ["bn-cnn", "seed-mlp"])
-def test_frozen_batchnorm_computes_what_batchnorm_computes_and_keeps_its_hooks(arch: str) -> None:
+def randomised(arch: str) -> nn.Module:
+    """A net in eval mode whose BN statistics and affine parameters are away from their defaults."""
     torch.manual_seed(0)
     net = build_net(NetConfig(arch=arch))  # type: ignore[arg-type]
-    for bn in bn_layers(net).values():  # statistics and affine parameters away from their defaults
+    for bn in bn_layers(net).values():
         bn.running_mean.normal_()  # type: ignore[union-attr]
         bn.running_var.uniform_(0.2, 3.0)  # type: ignore[union-attr]
-        bn.weight.data.normal_()
+        bn.weight.data.uniform_(0.2, 2.0).mul_(torch.randn(bn.num_features).sign())  # |γ| away from 0: all fold
         bn.bias.data.normal_()
-    net.eval()
+    return net.eval()
+
+
+@pytest.mark.parametrize("arch", ["bn-cnn", "seed-mlp"])
+def test_folded_batchnorm_computes_what_batchnorm_computes_and_its_hooks_map_back_to_bn_inputs(arch: str) -> None:
+    net = randomised(arch)
     x = torch.randn(8, 1, 28, 28)
-    expected = net(x)
-    seen: list[torch.Tensor] = []
-    for bn in bn_layers(net).values():
-        bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
-    freeze_batchnorm(net)
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    for name, bn in bn_layers(net).items():
+        bn.register_forward_hook(lambda _m, a, y, name=name: outputs.__setitem__(name, y.clone()))
+    hooks = [
+        bn.register_forward_pre_hook(lambda _m, a, name=name: inputs.__setitem__(name, a[0].clone()))
+        for name, bn in bn_layers(net).items()
+    ]
+    with torch.no_grad():
+        expected = net(x)
+        unfolded_inputs = dict(inputs)
+        fold_batchnorm(net)
+        fold_batchnorm(net)  # a second call changes nothing
+        got = net(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert all(isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d) for bn in bn_layers(net).values())
-    torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
-    assert len(seen) == len(bn_layers(net)), "the pre-hooks (drift) still see every BN input"
-    net.train()  # training mode normalises by the batch, as BatchNorm does
-    bn = next(iter(bn_layers(net).values()))
-    batch = torch.randn(16, bn.num_features, *((5, 5) if isinstance(bn, nn.BatchNorm2d) else ()))
-    out = bn(batch)
-    dims = [0, 2, 3] if batch.dim() == 4 else [0]
-    torch.testing.assert_close(out.mean(dims), bn.bias.detach(), atol=1e-5, rtol=0)
+    for name, bn in bn_layers(net).items():
+        affine = folded_affine(bn)
+        assert affine is not None, f"{name} follows a conv or linear layer: it folds"
+        scale, shift = (t.view(-1, *([1] * (inputs[name].dim() - 2))) for t in affine)
+        torch.testing.assert_close(inputs[name], outputs[name], msg="a folded layer passes its input on")
+        torch.testing.assert_close((inputs[name] - shift) / scale, unfolded_inputs[name], rtol=1e-4, atol=1e-4)
+    for h in hooks:
+        h.remove()
+    net.train()
+    with pytest.raises(RuntimeError, match="folded"):
+        net(x)
+
+
+def test_a_bn_layer_that_cannot_fold_runs_as_batchnorm_does() -> None:
+    net = randomised("bn-cnn")
+    first = net.features[0][1]
+    with torch.no_grad():
+        first.weight[0] = 0.0  # a dead channel: its output says nothing about its input, so it cannot be mapped back
+        expected = net(torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1)))
+    fold_batchnorm(net)
+    assert folded_affine(first) is None
+    assert folded_affine(net.features[1][1]) is not None
+    with torch.no_grad():
+        got = net(torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    net.train()  # an unfolded layer trains as BatchNorm does: normalised by the batch
+    batch = torch.randn(16, first.num_features, 5, 5)
+    torch.testing.assert_close(first(batch).mean([0, 2, 3]), first.bias.detach(), atol=1e-5, rtol=0)
