@@ -16,6 +16,8 @@ logger = logging.getLogger("service.batching")
 P = TypeVar("P")
 R = TypeVar("R")
 
+HELD_WINDOW = 1.0  # seconds: the lanes' share follows the most images the server held in the last 1-2 windows
+
 
 class QueueFullError(Exception):
     """The queue holds max_queue images already: answer 503 with Retry-After."""
@@ -69,6 +71,11 @@ class MicroBatcher(Generic[P, R]):
     (measured: 2.8 ms idle per 6.6 ms batch at c=32, bench/README.md). `infer` must then accept overlapping calls
     and run them in order (the worker process queues them). The second batch only goes early once it holds as many
     images as the running one (or a full batch), so batches do not shrink to the first request that turns up.
+    And (without a delay) a batch takes at most its lane's share of the images the server has held at once lately
+    (queued and running, the most in the last 1-2 s, divided by `max_in_flight`), so the lanes stay balanced:
+    at c=32 with batches of up to 32, one batch of ~31 and one of 1-2 alternated (22 % of the batches held one
+    image, which costs 2.4× a batch-16 image), and the second batch, which could never reach the first one's size,
+    waited for it to end. Shares of 16 gave full batches of 16 and 1.18× the throughput (bench/README.md).
 
     >>> batcher = MicroBatcher(in_thread(lambda xs: [x * 2 for x in xs]), max_batch_size=32)
     >>> batcher.start()
@@ -109,12 +116,33 @@ class MicroBatcher(Generic[P, R]):
         self._wake: asyncio.Future[None] | None = None  # what waiting lanes await (see _wait_for_requests)
         self._task: asyncio.Task[None] | None = None
         self._running = 0  # batches in infer
+        self._running_images = 0  # images in those batches
         self._taking = False  # a lane is gathering a batch
         self._last_size = 0  # images of the batch taken last
+        # the most images held at once (queued + running) in this window and in the one before (see lane_share)
+        self._held_peak, self._held_peak_before, self._held_window_ends = 0, 0, 0.0
 
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @property
+    def lane_share(self) -> int:
+        """The most images one batch takes: max_batch_size, or, when batches may overlap and nothing asks for a
+        delay, 1/max_in_flight of the most images the server held at once lately (at least 1)."""
+        if self.max_in_flight == 1 or self.max_batch_delay > 0:
+            return self.max_batch_size
+        held = max(self._held_peak, self._held_peak_before)
+        return max(1, min(self.max_batch_size, -(-held // self.max_in_flight)))
+
+    def _note_held(self, now: float) -> None:
+        held = self._queued_images + self._running_images
+        if now >= self._held_window_ends:  # a new window; the last one counts only if it has just ended
+            recent = now < self._held_window_ends + HELD_WINDOW
+            self._held_peak_before, self._held_peak = (self._held_peak if recent else 0), held
+            self._held_window_ends = now + HELD_WINDOW
+        elif held > self._held_peak:
+            self._held_peak = held
 
     def start(self) -> None:
         """Start the dispatcher on the running event loop."""
@@ -133,6 +161,7 @@ class MicroBatcher(Generic[P, R]):
         item: _Item[P, R] = _Item(payload, size, loop.create_future(), now, now + timeout)
         self._queue.append(item)
         self._queued_images += size
+        self._note_held(now)
         self._notify()
         if self.observer:
             self.observer.queued(self._queued_images)
@@ -182,7 +211,7 @@ class MicroBatcher(Generic[P, R]):
         try:
             batch = [self._queue.popleft()]
             images = batch[0].size
-            limit = self.max_batch_size
+            limit = self.lane_share
             if self._running == 0 and self.max_in_flight > 1 and self.max_batch_delay == 0:
                 limit = min(limit, max(images, -(-self._queued_images // 2)))
             gather_until = time.monotonic() + self.max_batch_delay
@@ -232,7 +261,7 @@ class MicroBatcher(Generic[P, R]):
         """(A batch is running.) Whether to hand over the next batch now rather than when the running one ends."""
         if self._running >= self.max_in_flight:
             return False
-        return self._queued_images >= min(self.max_batch_size, self._last_size) or self._closed
+        return self._queued_images >= min(self.lane_share, self._last_size) or self._closed
 
     async def _process(self, batch: list[_Item[P, R]]) -> None:
         now = time.monotonic()
@@ -242,7 +271,9 @@ class MicroBatcher(Generic[P, R]):
         if not live:
             return
         started = time.perf_counter()
+        images = sum(it.size for it in live)
         self._running += 1
+        self._running_images += images
         if self._queue:
             self._notify()  # another lane may hand over the rest now (see _take_batch)
         try:
@@ -260,9 +291,9 @@ class MicroBatcher(Generic[P, R]):
                     it.future.set_result(result)
         finally:
             self._running -= 1
+            self._running_images -= images
         if self.observer:
-            self.observer.batch_done(sum(it.size for it in live), [now - it.enqueued for it in live],
-                                     time.perf_counter() - started)  # fmt: skip
+            self.observer.batch_done(images, [now - it.enqueued for it in live], time.perf_counter() - started)
 
 
 def in_thread(

@@ -285,3 +285,53 @@ async def test_stop_drains_every_batch_in_flight() -> None:
     await batcher.stop()
     assert [t.result() for t in tasks] == [i * 10 for i in range(7)]
     assert sorted(p for batch in infer.batches for p in batch) == list(range(7))
+
+
+async def test_with_two_in_flight_a_batch_takes_at_most_half_of_what_the_server_holds() -> None:
+    """The lanes stay balanced: at c=32, batches of up to 32 used to alternate between ~31 images and 1-2 (the
+    second batch, which could never grow as big as the first, waited for it to end; bench/README.md)."""
+    started: list[list[int]] = []
+    gates = [asyncio.Event() for _ in range(5)]
+
+    async def infer(payloads: list[int]) -> list[int]:
+        call = len(started)
+        started.append(list(payloads))
+        await gates[call].wait()
+        return payloads
+
+    batcher = MicroBatcher(infer, max_batch_size=32, max_in_flight=2)
+    batcher.start()
+    first = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in range(4)]
+    await asyncio.sleep(0.02)
+    assert started == [[0, 1], [2, 3]]
+    rest = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in range(4, 32)]
+    await asyncio.sleep(0.02)
+    assert batcher.lane_share == 16, "32 images held (4 running, 28 queued), two lanes"
+    gates[0].set()
+    await asyncio.sleep(0.02)
+    assert started[2] == list(range(4, 20)), "16 of the 28 queued, not all of them: the other lane takes the rest"
+    gates[1].set()
+    await asyncio.sleep(0.02)
+    assert len(started) == 3, "12 queued behind a running 16: they wait (batches do not shrink)"
+    gates[2].set()
+    await asyncio.sleep(0.02)
+    assert started[3:] == [list(range(20, 26)), list(range(26, 32))], "nothing running: split in two again"
+    for gate in gates:
+        gate.set()
+    assert await asyncio.gather(*first, *rest) == list(range(32))
+    await batcher.stop()
+
+
+async def test_the_lane_share_follows_the_load_and_is_the_whole_batch_with_one_lane() -> None:
+    infer = Recorder()
+    batcher = MicroBatcher(infer, max_batch_size=32, max_in_flight=2)
+    assert batcher.lane_share == 1, "nothing held yet"
+    batcher.start()
+    await asyncio.gather(*(batcher.submit(i, size=1, timeout=5) for i in range(100)))
+    assert batcher.lane_share == 32, "a burst of 100: half is more than a batch"
+    await asyncio.sleep(2.1)  # two windows of HELD_WINDOW later, one client
+    await batcher.submit(0, size=1, timeout=5)
+    assert batcher.lane_share == 1
+    await batcher.stop()
+    assert MicroBatcher(infer, max_batch_size=32, max_in_flight=1).lane_share == 32
+    assert MicroBatcher(infer, max_batch_size=32, max_in_flight=2, max_batch_delay=0.01).lane_share == 32
