@@ -256,16 +256,24 @@ def test_recorder_capture_ends_even_when_the_forward_pass_raises() -> None:
     assert captured == {}
 
 
-def test_recorder_remove_detaches_hooks() -> None:
+def test_recorder_hooks_exist_only_while_capturing_and_remove_ends_recording() -> None:
     net = small_net()
     recorder = BnStatsRecorder(net)
-    before = {name: len(bn._forward_pre_hooks) for name, bn in bn_layers(net).items()}
+
+    def hooks() -> list[int]:
+        return [len(bn._forward_pre_hooks) for bn in bn_layers(net).values()]
+
+    assert hooks() == [0, 0, 0], "an unmonitored forward pass takes PyTorch's fast call path"
+    with torch.inference_mode(), recorder.capture() as captured:
+        assert hooks() == [1, 1, 1]
+        net(images(4, 1))
+    assert hooks() == [0, 0, 0] and set(captured) == set(recorder.references)
     recorder.remove()
     with torch.inference_mode(), recorder.capture() as captured:
         logits = net(images(4, 1))
     assert captured == {}
     assert logits.shape == (4, 10)
-    assert all(len(bn._forward_pre_hooks) == before[name] - 1 for name, bn in bn_layers(net).items())
+    assert hooks() == [0, 0, 0]
 
 
 # --- drift_from_sums and window_scores against the reference ---

@@ -130,3 +130,25 @@ def test_at_low_traffic_or_with_a_full_budget_every_image_is_monitored(tiny_arti
     for p, served in ((spaced, 69), (unlimited, 20 * 69)):
         report = p.drift_report()
         assert report is not None and (report.images_seen, report.images_unmonitored) == (served, 0)
+
+
+def test_a_monitored_small_batch_is_charged_what_keeping_its_inputs_added(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
+    """Keeping a small batch's BN inputs (hooks, copies) costs more than its share of the fold: the budget pays for
+    it, measured against what an unmonitored pass of the same size takes."""
+    images = test_images[0][:4, None]
+    p = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=1e-3)
+    full = p._budget.balance  # the 1-s cap: 1 ms of drift work
+
+    def monitored_pass_charges(usual: float | None) -> float:
+        if usual is not None:
+            p._plain_seconds[4] = usual
+        p._budget.balance = full
+        p.predict(images)
+        return full - p._budget.balance  # credit earned meanwhile is capped at `full`: only charges show
+
+    assert monitored_pass_charges(None) == 0.0, "no plain pass of this size seen yet: nothing to measure against"
+    p._budget.balance = -1.0  # unmonitored: shows what a plain pass takes
+    p.predict(images)
+    assert p._plain_seconds[4] > 0
+    assert monitored_pass_charges(0.0) > 0, "as if a plain pass took no time: the whole pass is drift work"
+    assert monitored_pass_charges(1e9) == 0.0, "as if a plain pass took forever: keeping the inputs added nothing"
