@@ -75,7 +75,7 @@ class MicroBatcher(Generic[P, R]):
     (queued and running, the most in the last 1-2 s, divided by `max_in_flight`), so the lanes stay balanced:
     at c=32 with batches of up to 32, one batch of ~31 and one of 1-2 alternated (22 % of the batches held one
     image, which costs 2.4× a batch-16 image), and the second batch, which could never reach the first one's size,
-    waited for it to end. Shares of 16 gave full batches of 16 and 1.18× the throughput (bench/README.md).
+    waited for it to end. Shares of 16 gave full batches of 16 and 1.25× the throughput (bench/README.md).
 
     >>> batcher = MicroBatcher(in_thread(lambda xs: [x * 2 for x in xs]), max_batch_size=32)
     >>> batcher.start()
