@@ -60,6 +60,11 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _libc() -> ctypes.CDLL:
+    """The C library (glibc on Debian); a function missing from it raises AttributeError when looked up."""
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
 def keep_model_heap_mapped() -> bool:
     """Keep the memory a forward pass frees mapped for the next one, instead of handing it back to the OS (glibc).
 
@@ -74,9 +79,8 @@ def keep_model_heap_mapped() -> bool:
 
     Returns False, changing nothing, off glibc. Process-wide: call it where the model runs.
     """
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
@@ -91,9 +95,8 @@ class HeapTrimmer:
     def __init__(self) -> None:
         self._libc: ctypes.CDLL | None = None
         self.rss_after_trim = 0  # RSS right after the last trim (0: never trimmed)
-        name = ctypes.util.find_library("c")
         try:
-            libc = ctypes.CDLL(name)
+            libc = _libc()
             libc.mallinfo2.restype = _MallInfo2
             libc.malloc_trim.argtypes = [ctypes.c_size_t]
             rss_bytes()

@@ -29,6 +29,20 @@ class Recorder:
         return [p * 10 for p in payloads]
 
 
+class Gated:
+    """A real infer function whose n-th call records its payloads, then waits until `gates[n]` is set."""
+
+    def __init__(self, calls: int) -> None:
+        self.started: list[list[int]] = []
+        self.gates = [asyncio.Event() for _ in range(calls)]
+
+    async def __call__(self, payloads: list[int]) -> list[int]:
+        call = len(self.started)
+        self.started.append(list(payloads))
+        await self.gates[call].wait()
+        return [p * 10 for p in payloads]
+
+
 class Events:
     def __init__(self) -> None:
         self.rejections: list[str] = []
@@ -220,15 +234,8 @@ async def test_a_failing_dispatch_never_stops_the_batcher() -> None:
 
 
 async def test_with_two_in_flight_the_next_batch_goes_early_once_it_is_as_big_as_the_running_one() -> None:
-    started: list[list[int]] = []
-    gates = [asyncio.Event() for _ in range(4)]
-
-    async def infer(payloads: list[int]) -> list[int]:
-        call = len(started)
-        started.append(list(payloads))
-        await gates[call].wait()
-        return [p * 10 for p in payloads]
-
+    infer = Gated(4)
+    started, gates = infer.started, infer.gates
     batcher = MicroBatcher(infer, max_batch_size=8, max_in_flight=2)
     batcher.start()
     a = [asyncio.create_task(batcher.submit(0, size=3, timeout=5))]  # one batch of 3 images runs
@@ -290,15 +297,8 @@ async def test_stop_drains_every_batch_in_flight() -> None:
 async def test_with_two_in_flight_a_batch_takes_at_most_half_of_what_the_server_holds() -> None:
     """The lanes stay balanced: at c=32, batches of up to 32 used to alternate between ~31 images and 1-2 (the
     second batch, which could never grow as big as the first, waited for it to end; bench/README.md)."""
-    started: list[list[int]] = []
-    gates = [asyncio.Event() for _ in range(5)]
-
-    async def infer(payloads: list[int]) -> list[int]:
-        call = len(started)
-        started.append(list(payloads))
-        await gates[call].wait()
-        return payloads
-
+    infer = Gated(5)
+    started, gates = infer.started, infer.gates
     batcher = MicroBatcher(infer, max_batch_size=32, max_in_flight=2)
     batcher.start()
     first = [asyncio.create_task(batcher.submit(i, size=1, timeout=5)) for i in range(4)]
@@ -318,7 +318,7 @@ async def test_with_two_in_flight_a_batch_takes_at_most_half_of_what_the_server_
     assert started[3:] == [list(range(20, 26)), list(range(26, 32))], "nothing running: split in two again"
     for gate in gates:
         gate.set()
-    assert await asyncio.gather(*first, *rest) == list(range(32))
+    assert await asyncio.gather(*first, *rest) == [i * 10 for i in range(32)]
     await batcher.stop()
 
 
