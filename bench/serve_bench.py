@@ -1,10 +1,12 @@
 """Serving benchmark: bnserve (drift on/off) against a naive FastAPI server and the HTTP ceiling, one run, ratios.
 
-    python -m bench.serve_bench [--artifact artifacts/mnist-bn] [--duration 10] [--rounds 2] [--concurrency 1,8,32,128]
+    python -m bench.serve_bench [--artifact artifacts/mnist-bn] [--duration 2] [--rounds 15] [--concurrency 1,8,32,128]
 
 Every server is started here on its own free loopback port and warmed up; then, at each concurrency, each one is
 loaded in turn with wrk (or bench/loadgen.py when wrk is missing), a real MNIST test image as the body, for
-`--rounds` interleaved rounds. Results go to bench/results/serve_bench.{json,md}.
+`--duration` seconds, in `--rounds` interleaved rounds: 15 × 2 s = 30 s of load per server and level. A ratio of
+two servers is the median over rounds of the ratio of what they did in the same round, one right after the other
+(see `paired`). Results go to bench/results/serve_bench.{json,md}.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -43,6 +45,8 @@ class Run:
     rss_before_mb: float
     rss_after_mb: float
     monitored: float | None = None  # share of the level's images the drift window saw (bnserve with drift on)
+    rounds_rps: list[float] = field(default_factory=list)  # each round's req/s, in round order
+    rounds_p50_ms: list[float] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -203,8 +207,12 @@ def bench_servers(
     names: list[str], artifact: Path, body: Path, levels: list[int], duration: float, rounds: int, work: Path
 ) -> list[Run]:
     """All servers run at once, idle but one: at each level every server gets `duration` s of load in turn, for
-    `rounds` rounds, and a figure is the median over its rounds. Interleaving keeps the machine's drifting speed
-    (shared, virtual) out of the ratios far better than benchmarking one server after another."""
+    `rounds` rounds, and a figure is the median over its rounds.
+
+    The machine's speed drifts (shared, virtual): one server's req/s at c=1 varied 341-709 over three 10 s runs
+    of one level, and two identical servers differed by 0.77 and 1.37 in medians of such runs. Many short rounds
+    in serpentine order (forward, then backward) keep neighbours in the list back to back in every round, each of a
+    pair first in half of them; `paired` takes the ratio within each round."""
     servers = [Server(name, artifact) for name in names]
     runs = []
     try:
@@ -217,7 +225,7 @@ def bench_servers(
             counts_before = {srv.name: srv.drift_counts() for srv in servers}
             results: dict[str, list[dict[str, float]]] = {srv.name: [] for srv in servers}
             for k in range(rounds):
-                for srv in servers[k % len(servers) :] + servers[: k % len(servers)]:  # rotate who goes first
+                for srv in servers if k % 2 == 0 else servers[::-1]:
                     results[srv.name].append(load(srv.url, body, c, duration, work))
             for srv in servers:
                 rs = results[srv.name]
@@ -225,7 +233,8 @@ def bench_servers(
                 errors, requests = sum(int(r["errors"]) for r in rs), sum(int(r["requests"]) for r in rs)
                 runs.append(
                     Run(srv.name, c, med["rps"], med["p50_ms"], med["p99_ms"], errors, requests,
-                        rss_before[srv.name], srv.rss(), monitored_share(counts_before[srv.name], srv.drift_counts()))
+                        rss_before[srv.name], srv.rss(), monitored_share(counts_before[srv.name], srv.drift_counts()),
+                        [r["rps"] for r in rs], [r["p50_ms"] for r in rs])
                 )  # fmt: skip
                 spread = " / ".join(f"{r['rps']:.0f}" for r in rs)
                 saw = runs[-1].monitored
@@ -249,6 +258,17 @@ def monitored_share(before: tuple[int, int] | None, after: tuple[int, int] | Non
     return seen / (seen + unmonitored) if seen + unmonitored else None
 
 
+def paired(a: Run, b: Run, key: str = "rps") -> float:
+    """a's figure over b's: the median over rounds of the two's ratio within one round, seconds apart (back to back
+    for neighbours in the server list), so the machine's drift mostly cancels. Measured at c=1 over thirty 1 s
+    rounds, two identical servers: 0.998 (IQR of the rounds' ratios 0.90-1.12). Without rounds in common, the ratio
+    of the two's medians."""
+    xs, ys = getattr(a, f"rounds_{key}"), getattr(b, f"rounds_{key}")
+    if xs and len(xs) == len(ys):
+        return float(np.median([x / y for x, y in zip(xs, ys, strict=True)]))
+    return float(getattr(a, key) / getattr(b, key))
+
+
 def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
     by = {(r.server, r.concurrency): r for r in runs}
     out: dict[str, dict[int, float]] = {
@@ -262,29 +282,25 @@ def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
     }
     for c in sorted({r.concurrency for r in runs}):
         bn, naive, ceil, off = (by.get((s, c)) for s in ("bnserve", "naive", "ceiling", "bnserve-nodrift"))
+        every, twin, thread = (by.get((s, c)) for s in ("bnserve-alldrift", "bnserve-nodrift-2", "bnserve-thread"))
+        pairs = [
+            ("bnserve/naive rps", bn, naive), ("bnserve/ceiling rps", bn, ceil), ("drift on/off rps", bn, off),
+            ("every image monitored: drift on/off rps", every, off),
+            ("A/A control: two identical nodrift servers rps", twin, off), ("worker process/thread rps", bn, thread),
+        ]  # fmt: skip
+        for name, a, b in pairs:
+            if a and b:
+                out[name][c] = paired(a, b)
         if bn and naive:
-            out["bnserve/naive rps"][c] = bn.rps / naive.rps
-            out["bnserve/naive p50"][c] = bn.p50_ms / naive.p50_ms
-        if bn and ceil:
-            out["bnserve/ceiling rps"][c] = bn.rps / ceil.rps
-        if bn and off:
-            out["drift on/off rps"][c] = bn.rps / off.rps
-        every = by.get(("bnserve-alldrift", c))
-        if every and off:
-            out["every image monitored: drift on/off rps"][c] = every.rps / off.rps
-        twin = by.get(("bnserve-nodrift-2", c))
-        if twin and off:
-            out["A/A control: two identical nodrift servers rps"][c] = twin.rps / off.rps
-        thread = by.get(("bnserve-thread", c))
-        if bn and thread:
-            out["worker process/thread rps"][c] = bn.rps / thread.rps
+            out["bnserve/naive p50"][c] = paired(bn, naive, "p50_ms")
     return out
 
 
 def markdown(runs: list[Run], rat: dict[str, dict[int, float]], meta: dict[str, object]) -> str:
     lines = [
         f"Measured {meta['date']} on {meta['cpus']} CPUs, load from {meta['loader']}, {meta['duration']} s per level "
-        f"and server in each of {meta['rounds']} interleaved rounds (figures: medians over rounds), "
+        f"and server in each of {meta['rounds']} interleaved rounds (figures: medians over rounds; ratios: medians "
+        "over rounds of the ratio within a round), "
         "body: one real MNIST test image (784 floats).",
         "",
         "| server | conc. | req/s | p50 ms | p99 ms | errors | drift window saw | RSS before → after (MB) |",
@@ -305,12 +321,12 @@ def markdown(runs: list[Run], rat: dict[str, dict[int, float]], meta: dict[str, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", type=Path, default=REPO / "artifacts" / "mnist-bn")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
+    p.add_argument("--duration", type=float, default=2.0, help="seconds of load per server, level and round")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument(
         "--servers", default="bnserve,bnserve-nodrift,bnserve-nodrift-2,bnserve-alldrift,bnserve-thread,naive,ceiling"
     )
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level; figures are medians")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per level; figures are medians")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     levels = [int(c) for c in a.concurrency.split(",")]

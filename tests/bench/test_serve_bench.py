@@ -1,6 +1,6 @@
 """The serving benchmark's arithmetic: ratios within one run, and the share of images the drift window saw."""
 
-from bench.serve_bench import Run, markdown, monitored_share, ratios
+from bench.serve_bench import Run, markdown, monitored_share, paired, ratios
 
 
 def run(server: str, c: int, rps: float, p50: float = 1.0, monitored: float | None = None) -> Run:
@@ -29,3 +29,14 @@ def test_monitored_share_is_taken_over_the_level() -> None:
     assert monitored_share((100, 0), (300, 600)) == 0.25
     assert monitored_share(None, (1, 1)) is None
     assert monitored_share((5, 5), (5, 5)) is None
+
+
+def test_a_ratio_is_the_median_of_the_ratios_within_each_round() -> None:
+    """The machine slows both down in round 2 and one of them in round 3: the ratios within rounds are 0.9, 0.9 and
+    0.5, and their median is 0.9."""
+    on = Run("bnserve", 1, 900, 2.0, 4.0, 0, 0, 500.0, 500.0, None, [900, 450, 475], [2.0, 4.0, 2.1])
+    off = Run("bnserve-nodrift", 1, 1000, 1.8, 3.6, 0, 0, 500.0, 500.0, None, [1000, 500, 950], [1.9, 3.8, 2.0])
+    assert paired(on, off) == 0.9
+    assert paired(on, off, "p50_ms") == 2.0 / 1.9
+    assert ratios([on, off])["drift on/off rps"] == {1: 0.9}
+    assert paired(on, Run("bnserve-nodrift", 1, 1000, 1.0, 2.0, 0, 0, 1.0, 1.0)) == 0.9  # no rounds: the medians
