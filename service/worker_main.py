@@ -46,7 +46,11 @@ def worker_main(conn: Connection, pixels_path: str, config: ModelConfig) -> None
     """The worker process: load the model, then answer one message at a time until QUIT or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     [inference worker] %(message)s")
-    _region, pixels = map_pixels(pixels_path, config.slots, config.capacity, create=False)
+    try:
+        _region, pixels = map_pixels(pixels_path, config.slots, config.capacity, create=False)
+    except FileNotFoundError:  # the parent stopped waiting for this worker (it shut down while we started)
+        logger.info("the shared pixel region is gone: the server stopped before this worker started; exiting")
+        return
     try:
         predictor = load_predictor(config)
     except (ArtifactError, ValueError, OSError) as exc:

@@ -5,6 +5,7 @@ flight."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from model.artifact import WEIGHTS_FILE, Artifact, ArtifactError
 from service.predictor import Predictor
 from service.served import LocalModel, ModelConfig, ServedModel
 from service.worker import WorkerDiedError, WorkerModel
+from service.worker_main import worker_main
 from tests.support import direct_probabilities
 
 pytestmark = pytest.mark.integration  # starts real processes (~2 s each)
@@ -113,3 +115,15 @@ async def test_overlapping_calls_are_answered_in_order_each_from_its_own_slot(
         assert report is not None and report.images_seen + report.images_unmonitored >= 56
     finally:
         await model.close()
+
+
+def test_a_worker_whose_server_stopped_while_it_started_exits_quietly(tmp_path: Path) -> None:
+    """A server shut down during startup removes the shared region before the worker maps it: the worker leaves
+    with a log line, not a traceback, and sends nothing."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    worker = ctx.Process(target=worker_main, args=(child, str(tmp_path / "gone"), _config(tmp_path)))
+    worker.start()
+    worker.join(60)
+    assert worker.exitcode == 0, "an uncaught exception exits 1"
+    assert not parent.poll()
