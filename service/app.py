@@ -14,7 +14,7 @@ from service.errors import install_error_handlers
 from service.fastpath import PredictFastPath
 from service.heap import HeapTrimmer, trim_heap_periodically
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.middleware import BodyLimitMiddleware, ContentEncodingMiddleware, MetricsMiddleware
 from service.routes import health, v1, v2
 from service.settings import Settings
 from service.state import ServingState
@@ -72,7 +72,8 @@ def create_app(settings: Settings) -> FastAPI:
         served: ASGIApp = inner
         if settings.fast_path:
             served = PredictFastPath(inner, route=v1.predict_route, state=lambda: app.state.serving)
-        return MetricsMiddleware(BodyLimitMiddleware(served, limit_for=limit_for), metrics=metrics)
+        decoded = ContentEncodingMiddleware(served, limit_for=limit_for)
+        return MetricsMiddleware(BodyLimitMiddleware(decoded, limit_for=limit_for), metrics=metrics)
 
     app.wrap_middleware_stack = outer
     return app

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.deps import require_json
 from service.errors import ApiError, api_error_response, error_response, http_error_response
+from service.middleware import read_body
 from service.routes.v1 import answer_predict
 from service.state import ServingState
 
@@ -54,7 +55,7 @@ class PredictFastPath:
         try:
             content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
             require_json(content_type.decode("latin-1"))
-            body = await _read_body(receive)
+            body = await read_body(receive)
             return await answer_predict(self.state(), body)
         except ApiError as exc:
             return api_error_response(exc)
@@ -65,15 +66,3 @@ class PredictFastPath:
         except Exception:
             logger.exception("unhandled error on POST %s", self.path)
             return error_response(500, "internal", "internal server error")
-
-
-async def _read_body(receive: Receive) -> bytes:
-    """The whole request body, like `Request.body()`; ClientDisconnect if the client goes away first."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +31,16 @@ CASES: list[tuple[str, dict[str, str], bytes]] = [
     ("too many", {"content-type": "application/json"}, json.dumps({"instances": [[0.0] * 784] * 65}).encode()),
     ("extra key", {"content-type": "application/json"}, b'{"instances": [], "x": 1}'),
     ("too large", {"content-type": "application/json"}, b" " * (4 * 1024 * 1024 + 1)),
-]
+    ("gzip", {"content-type": "application/json", "content-encoding": "gzip"}, gzip.compress(GOOD.encode())),
+    ("deflate", {"content-type": "application/json", "content-encoding": "deflate"}, zlib.compress(GOOD.encode())),
+    ("identity", {"content-type": "application/json", "content-encoding": "identity"}, GOOD.encode()),
+    ("brotli", {"content-type": "application/json", "content-encoding": "br"}, GOOD.encode()),
+    ("not gzip", {"content-type": "application/json", "content-encoding": "gzip"}, GOOD.encode()),
+    ("cut gzip", {"content-type": "application/json", "content-encoding": "gzip"}, gzip.compress(GOOD.encode())[:-9]),
+    # 4 MiB + 1 of JSON whitespace in ~4 KB of gzip: 413 from decompressing, never the whole bomb in memory
+    ("gzip bomb", {"content-type": "application/json", "content-encoding": "gzip"},
+     gzip.compress(b" " * (4 * 1024 * 1024 + 1))),
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
