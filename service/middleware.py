@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response, http_error_response
+from service.errors import ApiError, api_error_response, error_response, http_error_response
 from service.metrics import Metrics
 
 
@@ -79,18 +79,17 @@ class BodyLimitMiddleware:
 
 
 # Content codings a request body may arrive in, and the zlib window bits that decode each (RFC 9110 §8.4.1).
-REQUEST_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+GZIP_WBITS = 16 + zlib.MAX_WBITS
+REQUEST_CODINGS = {"gzip": GZIP_WBITS, "x-gzip": GZIP_WBITS, "deflate": zlib.MAX_WBITS}
 ACCEPTED_CODINGS = "gzip, deflate, identity"
 
 
 class ContentEncodingMiddleware:
     """Request bodies sent with `Content-Encoding: gzip` (or deflate) are decompressed before anything reads them.
 
-    Pixels as JSON compress 7-10:1, so a client may well send them compressed. A coding it cannot
-    decode gets 415 with `Accept-Encoding` (RFC 9110 §15.5.16), not a JSON parse error about binary bytes; a body
-    that is not what its coding says, 400; and one that decompresses past the body limit, 413, found while
-    decompressing at most limit + 1 bytes (a few KB of gzip can expand to gigabytes). It sits inside the body limit,
-    which caps the compressed body.
+    Pixels as JSON compress 7-10:1, so a client may well send them compressed. A coding we do not decode gets 415
+    with `Accept-Encoding` (RFC 9110 §15.5.16), not a JSON parse error about binary bytes; for the rest, see
+    `decompress`. It sits inside the body limit, which caps the compressed body.
     """
 
     def __init__(self, app: ASGIApp, *, limit_for: Callable[[str], int]) -> None:
@@ -98,49 +97,37 @@ class ContentEncodingMiddleware:
         self.limit_for = limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         codings = [
             c.strip().lower()
-            for name, value in scope.get("headers", ())
+            for name, value in scope["headers"]
             if name == b"content-encoding"
             for c in value.decode("latin-1").split(",")
         ]
         codings = [c for c in codings if c not in ("", "identity")]
-        if scope["type"] != "http" or not codings:
+        if not codings:
             await self.app(scope, receive, send)
             return
-        if len(codings) > 1 or codings[0] not in REQUEST_CODINGS:
-            shown = ", ".join(codings)[:60]
-            response = error_response(
-                415,
-                "unsupported_media_type",
-                f"Content-Encoding {shown} is not supported; send the body as gzip, deflate or identity",
-                headers={"Accept-Encoding": ACCEPTED_CODINGS},
-            )
-            await response(scope, receive, send)
-            return
         try:
-            body = await read_body(receive)
+            if len(codings) > 1 or codings[0] not in REQUEST_CODINGS:
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    f"Content-Encoding {', '.join(codings)[:60]} is not supported; send the body as gzip, deflate or "
+                    "identity",
+                    headers={"Accept-Encoding": ACCEPTED_CODINGS},
+                )
+            plain = decompress(await read_body(receive), codings[0], self.limit_for(scope["path"]))
+        except ApiError as exc:
+            await api_error_response(exc)(scope, receive, send)
+            return
         except HTTPException as exc:  # the body limit's 413, raised from `receive` mid-body
             await http_error_response(exc)(scope, receive, send)
             return
         except ClientDisconnect:
             return  # nobody to answer
-        limit = self.limit_for(scope["path"])
-        decoder = zlib.decompressobj(REQUEST_CODINGS[codings[0]])
-        try:
-            plain = decoder.decompress(body, limit + 1)
-        except zlib.error as exc:
-            plain, problem = b"", f"is not valid {codings[0]} data ({exc})"
-        else:
-            problem = "" if decoder.eof else f"is cut short: its {codings[0]} data does not end"
-        if len(plain) > limit:
-            await error_response(
-                413, "payload_too_large", f"request body is larger than the {limit}-byte limit once decompressed"
-            )(scope, receive, send)
-            return
-        if problem:
-            await error_response(400, "bad_request", f"the request body {problem}")(scope, receive, send)
-            return
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
         headers.append((b"content-length", str(len(plain)).encode()))
         replayed = False
@@ -153,6 +140,31 @@ class ContentEncodingMiddleware:
             return {"type": "http.request", "body": plain, "more_body": False}
 
         await self.app({**scope, "headers": headers}, replay, send)
+
+
+def decompress(body: bytes, coding: str, limit: int) -> bytes:
+    """`body` decoded from `coding` (a key of REQUEST_CODINGS). ApiError 413 once it passes `limit` bytes, found
+    while decompressing at most limit + 1 of them (a few KB of gzip can expand to gigabytes); 400 if it is not valid
+    or is cut short. A gzip body may hold several members one after another (RFC 1952 §2.2; `cat a.gz b.gz`)."""
+    out = bytearray()
+    rest = body
+    while True:
+        decoder = zlib.decompressobj(REQUEST_CODINGS[coding])
+        try:
+            out += decoder.decompress(rest, limit + 1 - len(out))  # ≥ 1: len(out) ≤ limit here
+        except zlib.error as exc:
+            raise ApiError(400, "bad_request", f"the request body is not valid {coding} data ({exc})") from None
+        if len(out) > limit:
+            raise ApiError(
+                413, "payload_too_large", f"request body is larger than the {limit}-byte limit once decompressed"
+            )
+        if not decoder.eof:
+            raise ApiError(400, "bad_request", f"the request body is cut short: its {coding} data does not end")
+        rest = decoder.unused_data
+        if not rest:
+            return bytes(out)
+        if REQUEST_CODINGS[coding] != GZIP_WBITS:
+            raise ApiError(400, "bad_request", f"the request body has {len(rest)} bytes after its {coding} data")
 
 
 async def read_body(receive: Receive) -> bytes:

@@ -26,11 +26,10 @@ def test_gzip_and_deflate_bodies_get_the_same_answers_as_plain_ones(server: Serv
     body = json.dumps({"instances": test_images[0][:8].reshape(8, -1).tolist()}).encode()
     url = f"{server.url}/v1/predict"
     plain = probabilities(httpx.post(url, content=body, headers=JSON))
-    for coding, packed in [
-        ("gzip", gzip.compress(body)),
-        ("deflate", zlib.compress(body)),
-        ("GZip", gzip.compress(body)),
-    ]:
+    half = len(body) // 2
+    members = gzip.compress(body[:half]) + gzip.compress(body[half:])  # what `cat a.gz b.gz` makes: still valid gzip
+    cases = [("gzip", gzip.compress(body)), ("deflate", zlib.compress(body)), ("GZip", gzip.compress(body))]
+    for coding, packed in [*cases, ("gzip", members)]:
         assert len(packed) < len(body) / 2
         got = probabilities(httpx.post(url, content=packed, headers={**JSON, "content-encoding": coding}))
         np.testing.assert_array_equal(got, plain)
@@ -55,6 +54,8 @@ def test_the_v2_protocol_takes_gzip_too(server: ServerProcess, tiny_artifact: Ar
         ("gzip", b'{"instances": []}', 400, "is not valid gzip data"),
         ("deflate", gzip.compress(b"{}"), 400, "is not valid deflate data"),
         ("gzip", gzip.compress(b'{"instances": []}')[:-12], 400, "is cut short"),
+        ("deflate", zlib.compress(b"{}") + b"junk", 400, "has 4 bytes after its deflate data"),
+        ("gzip", gzip.compress(b"{}") + b"junk", 400, "is not valid gzip data"),
         (
             "gzip",
             gzip.compress(b" " * (4 * 1024 * 1024 + 1)),
@@ -62,7 +63,7 @@ def test_the_v2_protocol_takes_gzip_too(server: ServerProcess, tiny_artifact: Ar
             "larger than the 4194304-byte limit once decompressed",
         ),
     ],
-    ids=["brotli", "two codings", "not gzip", "gzip as deflate", "truncated", "bomb"],
+    ids=["brotli", "two codings", "not gzip", "gzip as deflate", "truncated", "deflate+junk", "gzip+junk", "bomb"],
 )
 def test_bodies_that_cannot_be_decoded_get_a_4xx_that_says_why(
     server: ServerProcess, coding: str, body: bytes, status: int, says: str
