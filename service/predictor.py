@@ -203,8 +203,8 @@ class Predictor:
         with self._drift_lock:
             self._unrecorded.append(inputs)
             self._unrecorded_images += len(pixels)
-            # What keeping the inputs added to the forward pass (the hooks, the copies): ~120 µs on a 1-image pass
-            # of ~500 µs, more than its share of the fold. Charged once unmonitored passes of this size have shown
+            # What keeping the inputs added to the forward pass (the hooks, their slow call path, the copies): 120-205
+            # µs on a 1-image pass of ~500 µs (bench/README.md), more than its share of the fold. Charged once unmonitored passes of this size have shown
             # what a plain one takes. The moments are charged when record_drift folds them in.
             usual = self._plain_seconds.get(len(pixels))
             if usual is not None:
