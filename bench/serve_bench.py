@@ -84,6 +84,11 @@ def server_commands(port: int) -> dict[str, tuple[list[str], dict[str, str]]]:
             [py, "-m", "service"],
             {**bn, "BNSERVE_DRIFT_ENABLED": "true", "BNSERVE_INFERENCE_PROCESS": "false"},
         ),
+        # the forward pass in torch eager instead of onnxruntime (service/engine.py)
+        "bnserve-torch": (
+            [py, "-m", "service"],
+            {**bn, "BNSERVE_DRIFT_ENABLED": "true", "BNSERVE_ENGINE": "torch"},
+        ),
         "naive": ([*uv, "bench.naive_server:app"], {}),
         "ceiling": ([*uv, "--loop", "uvloop", "--http", "httptools", "bench.ceiling_server:app"], {}),
     }
@@ -278,15 +283,19 @@ def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
         "every image monitored: drift on/off rps": {},
         "A/A control: two identical nodrift servers rps": {},
         "worker process/thread rps": {},
+        "onnxruntime/torch engine rps": {},
         "bnserve/naive p50": {},
     }
     for c in sorted({r.concurrency for r in runs}):
         bn, naive, ceil, off = (by.get((s, c)) for s in ("bnserve", "naive", "ceiling", "bnserve-nodrift"))
-        every, twin, thread = (by.get((s, c)) for s in ("bnserve-alldrift", "bnserve-nodrift-2", "bnserve-thread"))
+        every, twin, thread, eager = (
+            by.get((s, c)) for s in ("bnserve-alldrift", "bnserve-nodrift-2", "bnserve-thread", "bnserve-torch")
+        )
         pairs = [
             ("bnserve/naive rps", bn, naive), ("bnserve/ceiling rps", bn, ceil), ("drift on/off rps", bn, off),
             ("every image monitored: drift on/off rps", every, off),
             ("A/A control: two identical nodrift servers rps", twin, off), ("worker process/thread rps", bn, thread),
+            ("onnxruntime/torch engine rps", bn, eager),
         ]  # fmt: skip
         for name, a, b in pairs:
             if a and b:
@@ -324,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=2.0, help="seconds of load per server, level and round")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument(
-        "--servers", default="bnserve,bnserve-nodrift,bnserve-nodrift-2,bnserve-alldrift,bnserve-thread,naive,ceiling"
+        "--servers",
+        default="bnserve,bnserve-nodrift,bnserve-nodrift-2,bnserve-alldrift,bnserve-thread,bnserve-torch,naive,ceiling",
     )
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per level; figures are medians")
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -189,6 +189,21 @@ class BnStatsRecorder:
         self.seconds += time.perf_counter() - started
         return moments
 
+    def centre(self, name: str) -> torch.Tensor:
+        """Where layer `name`'s hooks centre its input (μ_r, or where it lands in a folded layer's output): float32,
+        shaped to broadcast over (N, C, H, W) or (N, C)."""
+        return self._centres[name]
+
+    def moments_from_sums(self, name: str, s1: np.ndarray, s2: np.ndarray, per_image: int) -> Moments:
+        """Moments of layer `name` from per-image sums of (y − centre) and (y − centre)², (N, C) float32, of what its
+        hooks see, computed elsewhere (service/engine.py computes them inside the exported graph): the same float64
+        conversion and unfolding as `per_image_moments`."""
+        sums = np.stack((s1, s2)).astype(np.float64)
+        unscale = self._unscale.get(name)
+        if unscale is not None:
+            sums *= unscale
+        return Moments(sums[0], sums[1], per_image)
+
     def moments(self, inputs: dict[str, torch.Tensor]) -> dict[str, Moments]:
         """The moments of BN inputs kept by `capture_inputs`."""
         return {name: self._moments_of(name, x) for name, x in inputs.items()}

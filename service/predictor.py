@@ -16,11 +16,11 @@ from model.artifact import Artifact, ArtifactError, load_artifact
 from model.bnstats import BnStatsRecorder
 from model.net import fold_batchnorm
 from service.drift import DriftMonitor, DriftReport
+from service.engine import Engine, EngineName, TorchEngine, build_engine
 
 logger = logging.getLogger("service.predictor")
 
-DRIFT_CHUNK = 32  # images of small batches whose BN-input moments are computed together (see Predictor.predict)
-INLINE_DRIFT_IMAGES = DRIFT_CHUNK // 2  # batches this big compute their moments during the forward pass
+ENGINE_TOLERANCE = 1e-4  # most a probability may differ between the serving engine and torch at the self-test
 
 
 class DriftBudget:
@@ -86,7 +86,13 @@ class Predictor:
     """
 
     def __init__(
-        self, artifact: Artifact, *, drift_window: int | None, top_channels: int = 5, drift_budget: float = 1.0
+        self,
+        artifact: Artifact,
+        *,
+        drift_window: int | None,
+        top_channels: int = 5,
+        drift_budget: float = 1.0,
+        engine: EngineName = "onnxruntime",
     ) -> None:
         self.artifact = artifact
         self.name = artifact.meta.name
@@ -100,9 +106,6 @@ class Predictor:
         self._mean = float(artifact.normalization.mean)
         self._std = float(artifact.normalization.std)
         self.recorder: BnStatsRecorder | None = None
-        # BN inputs of answered batches whose moments are not in the drift window yet (see record_drift).
-        self._unrecorded: list[dict[str, torch.Tensor]] = []
-        self._unrecorded_images = 0
         self._drift_lock = threading.Lock()
         self._budget = DriftBudget(drift_budget)
         self.images_unmonitored = 0  # served past the drift budget
@@ -115,6 +118,13 @@ class Predictor:
             self.monitor = DriftMonitor(
                 self.recorder.references, artifact.calibration, window=drift_window, top_channels=top_channels
             )
+        self._torch = TorchEngine(self._net, self._mean, self._std, self.recorder)
+        try:  # the onnxruntime engine exports the network: a forward pass on a 1×28×28 image
+            self.engine: Engine = build_engine(
+                engine, self._net, self._mean, self._std, self.recorder, threads=torch.get_num_threads()
+            )
+        except RuntimeError as exc:  # e.g. a network built for other input than 1×28×28 images
+            raise ArtifactError(f"self-test forward pass failed (exporting for {engine}): {exc}") from None
 
     @property
     def ref(self) -> dict[str, str]:
@@ -123,17 +133,28 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, path: Path, *, drift_window: int | None, top_channels: int = 5, drift_budget: float = 1.0
+        cls,
+        path: Path,
+        *,
+        drift_window: int | None,
+        top_channels: int = 5,
+        drift_budget: float = 1.0,
+        engine: EngineName = "onnxruntime",
     ) -> Predictor:
         """Load, verify and smoke-test an artifact; raises ArtifactError (or ValueError) if it is not servable."""
         predictor = cls(
-            load_artifact(path), drift_window=drift_window, top_channels=top_channels, drift_budget=drift_budget
+            load_artifact(path),
+            drift_window=drift_window,
+            top_channels=top_channels,
+            drift_budget=drift_budget,
+            engine=engine,
         )
         predictor.self_test()
         return predictor
 
     def self_test(self) -> None:
-        """A forward pass on a blank and a random image must give finite probabilities that sum to 1."""
+        """A forward pass on a blank and a random image must give finite probabilities that sum to 1, and the same
+        ones (within ENGINE_TOLERANCE) from the serving engine as from torch."""
         x = np.zeros((2, 1, 28, 28), np.float32)
         x[1] = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)
         try:
@@ -144,39 +165,37 @@ class Predictor:
             raise ArtifactError(f"self-test forward pass gave invalid output of shape {probs.shape}")
         if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-4):
             raise ArtifactError("self-test forward pass gave probabilities that do not sum to 1")
+        if self.engine is not self._torch:
+            off = float(np.abs(probs - self._torch.forward(x)).max())
+            if not off <= ENGINE_TOLERANCE:
+                raise ArtifactError(f"the {self.engine.name} engine's probabilities differ from torch's by {off:.2g}")
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8, 64)) -> None:
         """Run a few forward passes (and drift moments, not counted) so the first requests do not pay for lazy
-        initialisation."""
+        initialisation; the second plain pass of each size tells the drift budget what one takes."""
         for n in batch_sizes:
             blank = np.zeros((n, 1, 28, 28), np.float32)
-            if self.recorder is None:
-                self._forward(blank)
-                continue
-            with self.recorder.capture_inputs() as inputs:
-                self._forward(blank)
-            with self._drift_lock, torch.inference_mode():
-                self.recorder.moments(inputs)
+            self._forward(blank)
+            started = time.perf_counter()
+            self._forward(blank)
+            self._plain_seconds[n] = time.perf_counter() - started
+            if self.recorder is not None:
+                self.engine.forward_with_moments(blank)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """(N, 1, 28, 28) float32 pixels in [0, 1] → (N, classes) float32 probabilities; feeds the drift window.
 
-        The drift work keeps to its budget (DriftBudget): a batch past it is answered without feeding the window.
-
-        Where the drift moments are computed depends on the batch (measured in bench/README.md):
-        - a batch of at least INLINE_DRIFT_IMAGES images computes them in the BN hooks, during the forward pass: the
-          activations are still in cache, and every client of the batch is waiting anyway (measured: on a second
-          thread of the inference worker the moments contended with the next forward pass for the GIL, no gain);
-        - a smaller batch only keeps its BN inputs; `record_drift`, which the caller runs once the answer has gone
-          (service/worker.py), computes them per DRIFT_CHUNK images. At low load that takes the ~50 torch calls of
-          the moments, which cost the same for 1 image as for 32, off the latency path and amortises them.
+        A monitored batch runs the engine's pass that also gives the moments of every BN layer's input (with
+        onnxruntime, reductions inside the same graph); they go into the window before the batch is answered, so a
+        drift report never misses an image already answered. The drift work keeps to its budget (DriftBudget): a
+        batch past it runs the plain pass and does not feed the window.
         """
         if self.recorder is None or self.monitor is None:
             return self._forward(pixels)
         with self._drift_lock:
             monitored = self._budget.allows()
+        started = time.perf_counter()
         if not monitored:
-            started = time.perf_counter()
             probs = self._forward(pixels)
             took = time.perf_counter() - started
             with self._drift_lock:
@@ -184,60 +203,28 @@ class Predictor:
                 plain = self._plain_seconds.get(len(pixels), took)
                 self._plain_seconds[len(pixels)] = plain + 0.1 * (took - plain)
             return probs
-        if len(pixels) >= INLINE_DRIFT_IMAGES:
-            with self._drift_lock:
-                drift = self._fold_kept()  # smaller batches answered earlier go first: the window keeps arrival order
-                hooks_before = self.recorder.seconds
-                with self.recorder.capture() as moments:
-                    probs = self._forward(pixels)
-                updating = time.perf_counter()
-                self.monitor.update(moments)
-                # the moments computed inside the forward pass, and the update
-                drift += self.recorder.seconds - hooks_before + time.perf_counter() - updating
-                self._budget.spend(drift)
-            return probs
-        started = time.perf_counter()
-        with self.recorder.capture_inputs() as inputs:
-            probs = self._forward(pixels)
-        took = time.perf_counter() - started
+        probs, moments = self.engine.forward_with_moments(pixels)
         with self._drift_lock:
-            self._unrecorded.append(inputs)
-            self._unrecorded_images += len(pixels)
-            # What keeping the inputs added to the forward pass (the hooks, their slow call path, the copies): 120-205
-            # µs on a 1-image pass of ~500 µs (bench/README.md), more than its share of the fold. Charged once unmonitored passes of this size have shown
-            # what a plain one takes. The moments are charged when record_drift folds them in.
-            usual = self._plain_seconds.get(len(pixels))
-            if usual is not None:
-                self._budget.spend(max(0.0, took - usual))
+            self.monitor.update(moments)
+            # the drift work: what the monitored pass took beyond a plain one of this size, and the update
+            self._budget.spend(max(0.0, time.perf_counter() - started - self._plain_estimate(len(pixels))))
         return probs
 
-    def record_drift(self, min_images: int = DRIFT_CHUNK) -> None:
-        """Fold the BN inputs kept from small batches into the drift window once `min_images` images wait.
-
-        A drift report folds in whatever waits first, so no report misses an image already answered.
-        """
-        if self.recorder is None or self.monitor is None:
-            return
-        with self._drift_lock:  # also keeps the recorder's scratch buffers to one thread at a time
-            if self._unrecorded_images >= min_images:
-                self._budget.spend(self._fold_kept())
-
-    def _fold_kept(self) -> float:
-        """(Holding the drift lock.) Moments of every kept BN input, in one pass, into the window; its seconds."""
-        if not self._unrecorded or self.recorder is None or self.monitor is None:
+    def _plain_estimate(self, images: int) -> float:
+        """(Holding the drift lock.) Seconds of a plain pass over this many images: the moving mean of unmonitored
+        passes of this size, else of the nearest size, scaled; before any plain pass, 0 (all of a monitored pass
+        counts as drift work, until the budget runs out and a plain pass shows what one takes)."""
+        if images in self._plain_seconds:
+            return self._plain_seconds[images]
+        if not self._plain_seconds:
             return 0.0
-        started = time.perf_counter()
-        kept, self._unrecorded, self._unrecorded_images = self._unrecorded, [], 0
-        with torch.inference_mode():
-            inputs = kept[0] if len(kept) == 1 else {n: torch.cat([k[n] for k in kept]) for n in kept[0]}
-            self.monitor.update(self.recorder.moments(inputs))
-        return time.perf_counter() - started
+        nearest = min(self._plain_seconds, key=lambda n: abs(n - images))
+        return self._plain_seconds[nearest] * images / nearest
 
     def drift_report(self) -> DriftReport | None:
         """The drift report over every image answered so far (None without monitoring)."""
         if self.monitor is None:
             return None
-        self.record_drift(min_images=1)
         return replace(self.monitor.report(), images_unmonitored=self.images_unmonitored)
 
     def reset_drift(self) -> None:
@@ -245,11 +232,7 @@ class Predictor:
         if self.monitor is None:
             return
         with self._drift_lock:
-            self._unrecorded, self._unrecorded_images = [], 0
             self.monitor.reset()
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(pixels)  # shares memory: no copy
-        with torch.inference_mode():
-            x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
-            return torch.softmax(self._net(x), dim=1).numpy()
+        return self.engine.forward(pixels)

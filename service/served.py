@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from service.drift import DriftReport
+from service.engine import EngineName
 from service.heap import keep_model_heap_mapped
 from service.predictor import Predictor
 
@@ -33,6 +34,7 @@ class ModelConfig:
     slots: int = 1  # batches that may be in flight at once (the batcher's max_in_flight)
     drift_budget: float = 1.0  # the drift work's most time as a fraction of wall-clock time (1: no cap)
     call_timeout: float = 30.0  # a worker silent this long is taken for hung: killed, then replaced
+    engine: EngineName = "onnxruntime"  # what runs the forward pass (service/engine.py)
 
 
 def load_predictor(config: ModelConfig) -> Predictor:
@@ -44,6 +46,7 @@ def load_predictor(config: ModelConfig) -> Predictor:
         drift_window=config.drift_window,
         top_channels=config.top_channels,
         drift_budget=config.drift_budget,
+        engine=config.engine,
     )
     predictor.warmup()
     return predictor
@@ -98,9 +101,7 @@ class LocalModel(ServedModel):
 
     async def predict(self, payloads: list[np.ndarray]) -> np.ndarray:
         pixels = payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
-        probs = await asyncio.get_running_loop().run_in_executor(self._executor, self.predictor.predict, pixels)
-        self._executor.submit(self.predictor.record_drift)  # after the answer and before the next batch (FIFO)
-        return probs
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.predictor.predict, pixels)
 
     async def drift_report(self) -> DriftReport | None:
         return await asyncio.to_thread(self.predictor.drift_report)  # may first fold in images not yet counted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,8 +52,13 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(2048, ge=1, description="queued images beyond this get 503 + Retry-After")
     request_timeout: float = Field(5.0, gt=0.0, le=300.0, description="seconds before a queued request gets 504")
     torch_threads: int = Field(
-        0, ge=0, description="torch intra-op threads; 0 = half the cores (the rest serve HTTP), at least 1"
-    )
+        0, ge=0, description="intra-op threads of the model (torch and onnxruntime); 0 = half the cores (the rest "
+        "serve HTTP), at least 1",
+    )  # fmt: skip
+    engine: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime", description="what runs the forward pass: onnxruntime (the network exported from the loaded "
+        "weights; 1.5-3x faster on CPU) or torch (eager)",
+    )  # fmt: skip
 
     # Drift monitoring.
     drift_enabled: bool = True

@@ -120,6 +120,7 @@ class ServingState:
             log_level=s.log_level,
             call_timeout=s.inference_timeout,
             slots=s.max_batches_in_flight,
+            engine=s.engine,
         )
         if s.inference_process:
             return await WorkerModel.start(config, on_exit=self._worker_exited)

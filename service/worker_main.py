@@ -71,7 +71,6 @@ def worker_main(conn: Connection, pixels_path: str, config: ModelConfig) -> None
             if op == PREDICT:
                 images, slot = int.from_bytes(message[1:5], "little"), message[5]
                 conn.send_bytes(OK + predictor.predict(pixels[slot, :images]).tobytes())
-                predictor.record_drift()  # after the reply: the client is not waiting for this
             elif op == DRIFT:
                 report = predictor.drift_report()
                 conn.send_bytes(OK + orjson.dumps(None if report is None else report.to_wire()))

@@ -182,7 +182,7 @@ def test_readiness_before_and_after_the_model_loads(tmp_path: Path, tiny_artifac
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "bnserve_model_ready 0.0" in httpx.get(f"{srv.url}/metrics").text
         shutil.copytree(tiny_artifact_dir, target)
-        assert httpx.post(f"{srv.url}/v1/admin/reload", headers=AUTH).status_code == 200
+        assert httpx.post(f"{srv.url}/v1/admin/reload", headers=AUTH, timeout=60).status_code == 200
         r = httpx.get(f"{srv.url}/readyz")
         assert r.status_code == 200 and r.json()["model"]["version"] == "tiny-v1"
 
