@@ -20,6 +20,9 @@ from service.engine import Engine, EngineName, TorchEngine, build_engine
 
 logger = logging.getLogger("service.predictor")
 
+PLAIN_REFRESH = (
+    10.0  # seconds: how old the drift budget's measure of a plain pass of a size may get (Predictor.predict)
+)
 ENGINE_TOLERANCE = 1e-4  # most a probability may differ between the serving engine and torch at the self-test
 
 
@@ -109,7 +112,9 @@ class Predictor:
         self._drift_lock = threading.Lock()
         self._budget = DriftBudget(drift_budget)
         self.images_unmonitored = 0  # served past the drift budget
-        self._plain_seconds: dict[int, float] = {}  # batch size → a forward pass's seconds, unmonitored (moving mean)
+        self._plain_seconds: dict[int, float] = {}  # batch size → a forward pass's seconds, unmonitored (see _plain)
+        self._plain_at: dict[int, float] = {}  # batch size → when it was measured last
+        self._since = time.perf_counter()
         self.monitor: DriftMonitor | None = None
         if drift_window is not None:
             if artifact.calibration is None:
@@ -178,7 +183,7 @@ class Predictor:
             self._forward(blank)
             started = time.perf_counter()
             self._forward(blank)
-            self._plain_seconds[n] = time.perf_counter() - started
+            self._plain(n, time.perf_counter() - started)
             if self.recorder is not None:
                 self.engine.forward_with_moments(blank)
 
@@ -192,23 +197,35 @@ class Predictor:
         """
         if self.recorder is None or self.monitor is None:
             return self._forward(pixels)
+        images = len(pixels)
         with self._drift_lock:
-            monitored = self._budget.allows()
-        started = time.perf_counter()
+            started = time.perf_counter()
+            # A plain pass also when the measure of one is stale: a measure taken while the machine was busy (at
+            # warm-up, say) would make monitored passes look free, and with every batch monitored none would
+            # correct it. At most one batch per size per PLAIN_REFRESH seconds.
+            stale = started - self._plain_at.get(images, self._since) > PLAIN_REFRESH and not self._budget.unlimited
+            monitored = self._budget.allows() and not stale
         if not monitored:
             probs = self._forward(pixels)
             took = time.perf_counter() - started
             with self._drift_lock:
-                self.images_unmonitored += len(pixels)
-                plain = self._plain_seconds.get(len(pixels), took)
-                self._plain_seconds[len(pixels)] = plain + 0.1 * (took - plain)
+                self.images_unmonitored += images
+                self._plain(images, took)
             return probs
         probs, moments = self.engine.forward_with_moments(pixels)
         with self._drift_lock:
             self.monitor.update(moments)
             # the drift work: what the monitored pass took beyond a plain one of this size, and the update
-            self._budget.spend(max(0.0, time.perf_counter() - started - self._plain_estimate(len(pixels))))
+            self._budget.spend(max(0.0, time.perf_counter() - started - self._plain_estimate(images)))
         return probs
+
+    def _plain(self, images: int, took: float) -> None:
+        """(Holding the drift lock.) A plain pass over this many images took `took` seconds: a moving mean, which a
+        faster pass resets (the machine was busy before, not now; charging drift a little too much is the safe
+        side)."""
+        plain = self._plain_seconds.get(images, took)
+        self._plain_seconds[images] = took if took < plain else plain + 0.1 * (took - plain)
+        self._plain_at[images] = time.perf_counter()
 
     def _plain_estimate(self, images: int) -> float:
         """(Holding the drift lock.) Seconds of a plain pass over this many images: the moving mean of unmonitored
