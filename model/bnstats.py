@@ -126,23 +126,18 @@ def fits_scratch(scratch: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 class BnStatsRecorder:
-    """Forward pre-hooks on every BN layer, there only inside `capture` or `capture_inputs`, that record per-image
-    input moments during a normal forward pass; a forward pass outside them runs as if there were no recorder.
+    """Forward pre-hooks on every BN layer, there only inside `capture`, that record per-image input moments during
+    a normal forward pass; a forward pass outside it runs as if there were no recorder.
 
-    One forward pass at a time per recorder (the service runs one forward pass at a time). Two ways to use it:
+    One forward pass at a time per recorder (the service runs one forward pass at a time):
 
     >>> recorder = BnStatsRecorder(net)
     >>> with recorder.capture() as moments:      # moments computed inside the forward pass
     ...     logits = net(x)
     >>> moments["features.0.1"].s1.shape   # (N, C)
 
-    >>> with recorder.capture_inputs() as inputs:  # keep the BN inputs; moments later, off the latency path
-    ...     logits = net(x)
-    >>> moments = recorder.moments(inputs)
-
-    `capture_inputs` relies on nothing writing to a BN layer's input after the layer has read it, which holds for
-    the networks in model/net.py (a BN input is a convolution's or linear layer's output, read by the BN alone);
-    a layer folded into the one before it (model.net.fold_batchnorm) passes its input on, so that one is copied.
+    Sums computed elsewhere (service/engine.py computes them in an exported graph, centred on `centre`) become
+    moments through `moments_from_sums`.
 
     Moments are always of the BN layers' inputs x, folded or not: a folded layer's hooks see its output
     y = x·scale + shift, whose moments are mapped back exactly (float rounding aside).
@@ -204,28 +199,12 @@ class BnStatsRecorder:
             sums *= unscale
         return Moments(sums[0], sums[1], per_image)
 
-    def moments(self, inputs: dict[str, torch.Tensor]) -> dict[str, Moments]:
-        """The moments of BN inputs kept by `capture_inputs`."""
-        return {name: self._moments_of(name, x) for name, x in inputs.items()}
-
     @contextmanager
     def capture(self) -> Iterator[dict[str, Moments]]:
         """Record the moments of every BN layer for the forward passes run inside the block."""
         captured: dict[str, Moments] = {}
         with self._sinking(lambda name, x: captured.__setitem__(name, self._moments_of(name, x))):
             yield captured
-
-    @contextmanager
-    def capture_inputs(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Keep (a reference to) every BN layer's input of the forward pass run inside the block."""
-        kept: dict[str, torch.Tensor] = {}
-
-        def keep(name: str, x: torch.Tensor) -> None:  # no detach: one more torch call, and moments never need grad
-            # a folded layer's hooks see its output, which the in-place ReLU after it overwrites
-            kept[name] = x.clone() if name in self._unscale else x
-
-        with self._sinking(keep):
-            yield kept
 
     @contextmanager
     def _sinking(self, sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:

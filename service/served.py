@@ -104,7 +104,7 @@ class LocalModel(ServedModel):
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.predictor.predict, pixels)
 
     async def drift_report(self) -> DriftReport | None:
-        return await asyncio.to_thread(self.predictor.drift_report)  # may first fold in images not yet counted
+        return await asyncio.to_thread(self.predictor.drift_report)
 
     async def reset_drift(self) -> None:
         await asyncio.to_thread(self.predictor.reset_drift)
