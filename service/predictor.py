@@ -20,9 +20,9 @@ from service.engine import Engine, EngineName, TorchEngine, build_engine
 
 logger = logging.getLogger("service.predictor")
 
-PLAIN_REFRESH = (
-    10.0  # seconds: how old the drift budget's measure of a plain pass of a size may get (Predictor.predict)
-)
+# How old the drift budget's measure of a plain pass of a size may get, in seconds, once that many batches of the
+# size in a row have been monitored (Predictor.predict).
+PLAIN_REFRESH, PLAIN_REFRESH_BATCHES = 10.0, 64
 ENGINE_TOLERANCE = 1e-4  # most a probability may differ between the serving engine and torch at the self-test
 
 
@@ -114,6 +114,7 @@ class Predictor:
         self.images_unmonitored = 0  # served past the drift budget
         self._plain_seconds: dict[int, float] = {}  # batch size → a forward pass's seconds, unmonitored (see _plain)
         self._plain_at: dict[int, float] = {}  # batch size → when it was measured last
+        self._monitored_in_a_row: dict[int, int] = {}  # batch size → monitored batches since its last plain one
         self._since = time.perf_counter()
         self.monitor: DriftMonitor | None = None
         if drift_window is not None:
@@ -200,11 +201,17 @@ class Predictor:
         images = len(pixels)
         with self._drift_lock:
             started = time.perf_counter()
-            # A plain pass also when the measure of one is stale: a measure taken while the machine was busy (at
-            # warm-up, say) would make monitored passes look free, and with every batch monitored none would
-            # correct it. At most one batch per size per PLAIN_REFRESH seconds.
-            stale = started - self._plain_at.get(images, self._since) > PLAIN_REFRESH and not self._budget.unlimited
+            # A plain pass also when the measure of one is stale and every batch of this size has been monitored for
+            # a while: a measure taken while the machine was busy (at warm-up, say) would make monitored passes
+            # look free, and with every batch monitored none would correct it. At most one batch per size per
+            # PLAIN_REFRESH seconds, and never in a short burst (which a fresh window may need whole).
+            stale = (
+                not self._budget.unlimited
+                and self._monitored_in_a_row.get(images, 0) >= PLAIN_REFRESH_BATCHES
+                and started - self._plain_at.get(images, self._since) > PLAIN_REFRESH
+            )
             monitored = self._budget.allows() and not stale
+            self._monitored_in_a_row[images] = self._monitored_in_a_row.get(images, 0) + 1 if monitored else 0
         if not monitored:
             probs = self._forward(pixels)
             took = time.perf_counter() - started

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.predictor import PLAIN_REFRESH, DriftBudget, Predictor
+from service.predictor import PLAIN_REFRESH, PLAIN_REFRESH_BATCHES, DriftBudget, Predictor
 
 
 def _window(report) -> list[tuple[str, float | None]]:  # type: ignore[no-untyped-def]
@@ -156,7 +156,8 @@ def test_a_monitored_pass_is_charged_what_it_took_beyond_a_plain_one(tiny_artifa
 
 def test_a_stale_measure_of_a_plain_pass_is_taken_again(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
     """A plain pass measured while the machine was busy would make monitored passes look free, and with every batch
-    then monitored, nothing would correct it: one batch per size and PLAIN_REFRESH seconds runs plain."""
+    then monitored, nothing would correct it: under sustained load, one batch per size and PLAIN_REFRESH seconds
+    runs plain."""
     images = test_images[0][:4, None]
     p = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=0.5)
     p._plain_seconds[4], p._plain_at[4] = 10.0, time.perf_counter()  # busy: 10 s for 4 images
@@ -164,14 +165,19 @@ def test_a_stale_measure_of_a_plain_pass_is_taken_again(tiny_artifact_dir: Path,
     assert p.images_unmonitored == 0, "a fresh measure, and budget to spare: monitored"
     p._plain_at[4] -= PLAIN_REFRESH + 1
     p.predict(images)
-    assert p.images_unmonitored == 4, "a stale measure: this batch runs plain"
+    assert p.images_unmonitored == 0, "a stale measure, but a short burst: monitored"
+    p._monitored_in_a_row[4] = PLAIN_REFRESH_BATCHES
+    p.predict(images)
+    assert p.images_unmonitored == 4, "a stale measure after many monitored batches: this batch runs plain"
     assert p._plain_seconds[4] < 1.0, "and a faster plain pass replaces the measure at once"
     p.predict(images)
     assert p.images_unmonitored == 4, "fresh again"
     p._since -= PLAIN_REFRESH + 1
+    p._monitored_in_a_row[3] = PLAIN_REFRESH_BATCHES
     p.predict(images[:3])
     assert p.images_unmonitored == 7, "a size never measured, once the predictor has run PLAIN_REFRESH seconds"
     unlimited = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=1.0)
     unlimited._since -= PLAIN_REFRESH + 1
+    unlimited._monitored_in_a_row[4] = PLAIN_REFRESH_BATCHES
     unlimited.predict(images)
     assert unlimited.images_unmonitored == 0, "without a budget nothing is measured against"
