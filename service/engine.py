@@ -85,17 +85,22 @@ class _Exported(nn.Module):
         return (probs, *(s for pair in self.sums.values() for s in pair))
 
 
-def export_onnx(net: nn.Module, mean: float, std: float, recorder: BnStatsRecorder | None = None) -> bytes:
+def export_onnx(
+    net: nn.Module, mean: float, std: float, recorder: BnStatsRecorder | None = None
+) -> tuple[bytes, dict[str, int]]:
     """The eval-mode network as an ONNX model: input "pixels" (N, 1, 28, 28), output "probabilities" (N, classes)
     and, with a recorder, "<layer>.s1" and "<layer>.s2" (N, C) for each of its layers in forward order: the sums over
     each image's positions of (y − c) and (y − c)², y what the layer's hooks see and c `recorder.centre`. N is
-    dynamic."""
+    dynamic. Also, by layer, how many positions each image's sums are over (H·W of a (N, C, H, W) input, 1 of a
+    (N, C) one), as the trace saw them."""
     layers = list(recorder.references) if recorder else []
     modules = dict(net.named_modules())
     sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    per_image: dict[str, int] = {}
 
     def tap(name: str, x: torch.Tensor) -> None:
         assert recorder is not None
+        per_image[name] = x[0, 0].numel()
         centred = x - recorder.centre(name)
         squared = centred * centred
         sums[name] = (centred.sum((2, 3)), squared.sum((2, 3))) if x.dim() == 4 else (centred, squared)
@@ -122,7 +127,7 @@ def export_onnx(net: nn.Module, mean: float, std: float, recorder: BnStatsRecord
             handle.remove()
     if list(sums) != layers:
         raise RuntimeError(f"the export saw BN layers {list(sums)}, expected {layers}")
-    return buf.getvalue()
+    return buf.getvalue(), per_image
 
 
 def _session(model: bytes, threads: int) -> ort.InferenceSession:
@@ -146,14 +151,12 @@ class OrtEngine(Engine):
 
     def __init__(self, net: nn.Module, mean: float, std: float, recorder: BnStatsRecorder | None, threads: int):
         self._recorder = recorder
-        self._plain = _session(export_onnx(net, mean, std), threads)
-        self._monitored = _session(export_onnx(net, mean, std, recorder), threads) if recorder else None
-        # elements per image and channel of each layer's input: H·W of a (N, C, H, W) input, 1 of a (N, C) one
-        self._per_image: dict[str, int] = {}
+        self._plain = _session(export_onnx(net, mean, std)[0], threads)
+        self._monitored: ort.InferenceSession | None = None
+        self._per_image: dict[str, int] = {}  # positions per image and channel of each layer's input
         if recorder is not None:
-            with recorder.capture() as moments, torch.inference_mode():
-                net(torch.zeros(1, 1, 28, 28).contiguous(memory_format=torch.channels_last))
-            self._per_image = {name: m.per_image for name, m in moments.items()}
+            monitored, self._per_image = export_onnx(net, mean, std, recorder)
+            self._monitored = _session(monitored, threads)
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
         return self._plain.run(["probabilities"], {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]

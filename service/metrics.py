@@ -116,7 +116,7 @@ class Metrics:
             "bnserve_batch_size_images", "images per forward pass", buckets=BATCH_BUCKETS, registry=r
         )
         self.inference = Histogram(
-            "bnserve_inference_duration_seconds", "time of one batched forward pass, drift hooks included",
+            "bnserve_inference_duration_seconds", "time of one batched forward pass, drift statistics included",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.rejections = Counter(

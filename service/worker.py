@@ -3,8 +3,8 @@ has the thread kind; service/worker_main.py is what runs in the process).
 
 Why a process: the event loop (HTTP, JSON, responses) and an inference thread share one GIL, and every torch call
 gives it up and takes it back. Under load that made a 32-image forward pass take 113 ms instead of 6.6 ms
-(bench/README.md). The worker process owns the model, runs the forward pass with the drift hooks inside it and
-keeps the drift window; the event loop's process only moves bytes:
+(bench/README.md). The worker process owns the model, runs the forward pass (with the drift sums inside it, for the
+batches the drift budget monitors) and keeps the drift window; the event loop's process only moves bytes:
 
 - pixels: the parent writes each batch into a slot of a shared-memory region (a file in /dev/shm, mapped by both
   sides); there is one slot per batch that may be in flight (`ModelConfig.slots`);
@@ -12,9 +12,9 @@ keeps the drift window; the event loop's process only moves bytes:
   probabilities). The parent reads replies from the event loop (`add_reader`), so no thread of its own waits.
 
 The worker answers messages in order, so replies match calls first in, first out, and a second batch sent while
-one runs waits in the pipe and starts the moment the first is answered (the batcher's `max_in_flight`). Drift
-statistics of small batches are folded in after the reply has gone, so they never delay an answer. If the worker
-dies, every call in flight gets `WorkerDiedError` and the owner (ServingState) starts a new worker.
+one runs waits in the pipe and starts the moment the first is answered (the batcher's `max_in_flight`). A
+monitored batch's moments go into the window before its reply, so a drift report never misses an answered image.
+If the worker dies, every call in flight gets `WorkerDiedError` and the owner (ServingState) starts a new worker.
 """
 
 from __future__ import annotations
