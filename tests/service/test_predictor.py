@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.predictor import PLAIN_REFRESH, PLAIN_REFRESH_BATCHES, DriftBudget, Predictor
+from service.predictor import (
+    PLAIN_REFRESH,
+    PLAIN_REFRESH_BATCHES,
+    PLAIN_SAMPLES,
+    DriftBudget,
+    PlainPassTimes,
+    Predictor,
+)
 
 
 def _window(report) -> list[tuple[str, float | None]]:  # type: ignore[no-untyped-def]
@@ -137,21 +144,37 @@ def test_a_monitored_pass_is_charged_what_it_took_beyond_a_plain_one(tiny_artifa
     p = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=1e-3)
     full = p._budget.balance  # the 1-s cap: 1 ms of drift work
 
-    def monitored_pass_charges(usual: float | None) -> float:
+    def monitored_pass_charges(usual: float | None, images_measured: int = 4) -> float:
         if usual is not None:
-            p._plain_seconds[4] = usual
+            p._plain_times = PlainPassTimes()
+            p._plain_times.add(images_measured, usual, time.perf_counter())
         p._budget.balance = full
         p.predict(images)
         return full - p._budget.balance  # credit earned meanwhile is capped at `full`: only charges show
 
+    p._plain_times = PlainPassTimes()  # the warm-up's measures gone
     assert monitored_pass_charges(None) > 0, "no plain pass seen yet: the whole monitored pass counts"
     p._budget.balance = -1.0  # unmonitored: shows what a plain pass takes
     p.predict(images)
-    assert p._plain_seconds[4] > 0
+    assert p._plain_times.estimate(4) > 0
     assert monitored_pass_charges(0.0) > 0, "as if a plain pass took no time: the whole pass is drift work"
     assert monitored_pass_charges(1e9) == 0.0, "as if a plain pass took forever: monitoring added nothing"
-    p._plain_seconds = {2: 1e9}
-    assert monitored_pass_charges(None) == 0.0, "no plain pass of 4 images: one of 2, scaled, is the estimate"
+    assert monitored_pass_charges(1e9, images_measured=2) == 0.0, "none of 4 images: one of 2, scaled, estimates it"
+
+
+def test_the_measure_of_a_plain_pass_is_robust_to_a_slow_one() -> None:
+    """A plain pass slowed by the scheduler must not make monitored passes look cheap: the lower quartile of the
+    recent passes of a size, and passes more than PLAIN_REFRESH seconds older than the newest are forgotten."""
+    times = PlainPassTimes()
+    assert times.estimate(8) == 0.0 and times.measured_at(8) is None
+    for i in range(PLAIN_SAMPLES):
+        times.add(8, 1.0 if i % 8 == 7 else 0.5 + i / 1000, now=100.0 + i / 10)
+    assert times.estimate(8) == pytest.approx(0.508), "four slow passes of 32 leave the quartile alone"
+    assert times.estimate(16) == pytest.approx(2 * 0.508), "another size: scaled from the nearest measured"
+    times.add(8, 9.0, now=104.0)
+    assert times.estimate(8) == pytest.approx(0.509), "the oldest pass leaves as one comes in"
+    times.add(8, 0.25, now=200.0)  # PLAIN_REFRESH later: a machine busy before is not now
+    assert times.estimate(8) == 0.25 and times.measured_at(8) == 200.0
 
 
 def test_a_stale_measure_of_a_plain_pass_is_taken_again(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
@@ -160,16 +183,18 @@ def test_a_stale_measure_of_a_plain_pass_is_taken_again(tiny_artifact_dir: Path,
     runs plain."""
     images = test_images[0][:4, None]
     p = Predictor.load(tiny_artifact_dir, drift_window=16, drift_budget=0.5)
-    p._plain_seconds[4], p._plain_at[4] = 10.0, time.perf_counter()  # busy: 10 s for 4 images
+    p._plain_times = PlainPassTimes()
+    p._plain_times.add(4, 10.0, time.perf_counter())  # busy: 10 s for 4 images
     p.predict(images)
     assert p.images_unmonitored == 0, "a fresh measure, and budget to spare: monitored"
-    p._plain_at[4] -= PLAIN_REFRESH + 1
+    p._plain_times = PlainPassTimes()
+    p._plain_times.add(4, 10.0, time.perf_counter() - PLAIN_REFRESH - 1)
     p.predict(images)
     assert p.images_unmonitored == 0, "a stale measure, but a short burst: monitored"
     p._monitored_in_a_row[4] = PLAIN_REFRESH_BATCHES
     p.predict(images)
     assert p.images_unmonitored == 4, "a stale measure after many monitored batches: this batch runs plain"
-    assert p._plain_seconds[4] < 1.0, "and a faster plain pass replaces the measure at once"
+    assert p._plain_times.estimate(4) < 1.0, "and the plain pass replaces the stale measure"
     p.predict(images)
     assert p.images_unmonitored == 4, "fresh again"
     p._since -= PLAIN_REFRESH + 1
