@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     max_image_files: int = Field(16, ge=1, description="most files in one image upload")
     max_image_pixels: int = Field(4_000_000, ge=784, description="decompression-bomb guard per image")
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, le=1024 * 1024, description="a request line and headers larger than this get 431"
+    )
 
     fast_path: bool = Field(
         True, description="serve POST /v1/predict in pure ASGI, past FastAPI's routing (same answers, less CPU)"

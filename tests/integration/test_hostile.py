@@ -6,8 +6,10 @@ The last tests check that the server came through it all: ready, still exact, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import select
 import socket
 import struct
 import time
@@ -369,6 +371,45 @@ def test_an_early_refusal_does_not_read_the_rest_of_a_slow_body(
     assert_error(r, expected)
     assert r.headers["connection"] == "close"
     assert body.pulled < body.chunks // 2, f"{body.pulled} of {body.chunks} chunks were sent before the answer"
+
+
+MAX_HEAD = 32 * 1024  # the server's default BNSERVE_MAX_HEADER_BYTES
+
+
+def test_headers_past_the_limit_get_431(server: ServerProcess) -> None:
+    r = httpx.post(f"{server.url}/v1/predict", content=v1(nums(ROW)), headers={**JSON, "Cookie": "a" * (MAX_HEAD + 1)})
+    assert_error(r, 431, f"larger than the {MAX_HEAD}-byte limit", code="request_header_fields_too_large")
+    assert r.headers["connection"] == "close"
+
+
+def test_large_headers_under_the_limit_are_fine_on_one_connection(server: ServerProcess) -> None:
+    """Each request's head counts alone: three 20 KB heads on one keep-alive connection are 60 KB together."""
+    with httpx.Client(base_url=server.url, headers={"Cookie": "a" * 20_000}) as client:
+        for _ in range(3):
+            r = client.post("/v1/predict", content=v1(nums(ROW)), headers=JSON)
+            assert r.status_code == 200, r.text
+        big_body = v1(*[nums(ROW)] * MAX_INSTANCES)  # bodies far past the head limit: none of them counts as head
+        for _ in range(5):
+            assert client.post("/v1/predict", content=big_body, headers=JSON).status_code == 200
+            assert client.get("/readyz").status_code == 200
+
+
+def test_a_header_that_never_ends_is_refused_before_it_ends(server: ServerProcess) -> None:
+    """httptools keeps a header in memory until it ends: the server must stop reading, not buffer 16 MiB."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Long: ")
+        with contextlib.suppress(OSError):  # the server closed the connection: what the test wants
+            while sent < 16 * 1024 * 1024 and not select.select([sock], [], [], 0.002)[0]:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"request_header_fields_too_large" in answer
+    assert sent < 8 * 1024 * 1024, f"{sent} bytes of one header were read before the 431"
 
 
 # ---- image uploads ----

@@ -1,0 +1,104 @@
+"""uvicorn's httptools protocol with a limit on a request's head (request line and headers): 431 past it.
+
+httptools has no such limit, and it gathers each header in memory until the header ends, so without one a client
+could send a header that never ends and grow the server's memory without bound. (uvicorn's h11 protocol caps a head
+at 16 KiB; Node's and nginx's defaults are 16 and 32 KiB.) Two checks:
+
+- a head that has arrived whole is measured from the parser's callbacks (the URL, each header's name and value);
+  past the limit, `on_headers_complete` raises, so no request is made of it;
+- a head still incomplete after a read from the socket counts every byte read since it began (less the read it
+  began in, if a request ended in that one), so the memory held for a head stays under the limit plus two reads.
+
+The answer follows the service's one error shape, and the connection closes: the rest of the head is never read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+HEADER_OVERHEAD = 4  # ": " and CRLF around each header's name and value
+
+
+class HeadTooLargeError(Exception):
+    """Raised from a parser callback; the parser turns it into HttpParserCallbackError, and uvicorn into a 400,
+    which `send_400_response` turns into the 431."""
+
+
+class HeadLimitedHttpToolsProtocol(HttpToolsProtocol):
+    """See the module docstring; `limited(max_head_bytes)` makes the class uvicorn's `Config(http=...)` takes."""
+
+    max_head_bytes = 32 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reading_head = True  # a connection starts with a request's head
+        self._head_read = 0  # bytes read while the head was incomplete
+        self._head_size = 0  # bytes of the head's URL and headers, as the parser gave them
+        self._head_too_large = False
+        self._message_ended = False  # a request ended during this read
+
+    @classmethod
+    def limited(cls, max_head_bytes: int) -> type[HeadLimitedHttpToolsProtocol]:
+        return type(cls.__name__, (cls,), {"max_head_bytes": max_head_bytes})
+
+    def data_received(self, data: bytes) -> None:
+        self._message_ended = False
+        super().data_received(data)
+        if not self._reading_head or self._message_ended or self.transport.is_closing():
+            return  # a read that completes a head, or ends a body, does not count: most of it is not this head
+        self._head_read += len(data)
+        if self._head_read > self.max_head_bytes:
+            self._refuse_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + HEADER_OVERHEAD
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._head_read = 0
+        if self._head_size > self.max_head_bytes:
+            self._head_too_large = True
+            raise HeadTooLargeError
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading_head = True  # what comes next on this connection is the next request's head
+        self._message_ended = True
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:
+            self._refuse_head()
+        else:
+            super().send_400_response(msg)
+
+    def _refuse_head(self) -> None:
+        self.logger.warning("a request head over %d bytes refused (431)", self.max_head_bytes)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # mid-response to an earlier request: no answer can be slotted in
+            return
+        body = orjson.dumps(
+            {
+                "error": f"the request line and headers are larger than the {self.max_head_bytes}-byte limit",
+                "code": "request_header_fields_too_large",
+            }
+        )
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"connection: close\r\n\r\n" + body
+        )
+        self.transport.close()
