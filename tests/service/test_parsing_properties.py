@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 from model.preprocess import PixelError, to_image_batch
 from service.errors import ApiError, error_response
-from service.schemas import parse_predict_body
+from service.schemas import _common_case, parse_predict_body
 from service.v2_protocol import OUTPUT_NAMES, ParsedInference, parse_infer_body
 
 MAX_INSTANCES = 3
@@ -370,3 +370,66 @@ def test_deep_nesting_is_a_client_error_not_a_recursion_error(depth: int) -> Non
             error = parse(raw)
             assert isinstance(error, ApiError), error
             assert_client_error(error, *statuses)
+
+
+ROW = b"[" + b",".join([b"0.5"] * 783 + [b"1"]) + b"]"
+NESTED = b"[" + b",".join([b"[" + b",".join([b"0.25"] * 28) + b"]"] * 28) + b"]"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"instances": [' + ROW + b"]}",
+        b' {\n"instances" :[' + ROW + b"," + ROW + b"]\t}\r\n",
+        b'{"instances": [' + NESTED + b"," + NESTED + b"]}",
+        b'{"instan\\u0063es": [' + ROW + b"]}",  # an escaped key is the same key
+    ],
+)
+def test_v1_common_bodies_take_the_fast_parser(raw: bytes) -> None:
+    """The fast parser is not dead code: well-formed bodies never reach the strict parser, call after call."""
+    for _ in range(3):
+        pixels = _common_case(raw)
+        assert pixels is not None and pixels.shape[0] in (1, 2)
+        np.testing.assert_array_equal(to_image_batch(pixels), strict_v1(raw))
+
+
+RAGGED_783 = b"[" + b",".join([b"0.5"] * 783) + b"]"
+RAGGED_785 = b"[" + b",".join([b"0.5"] * 785) + b"]"
+HIDDEN = b"[" + b",".join([b"0.5"] * 782 + [b"[0.5, 0.5]"]) + b"]"  # 783 elements, 784 numbers
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"instances": [' + RAGGED_783 + b"," + RAGGED_785 + b"]}",  # 1568 numbers in all, but ragged
+        b'{"instances": [' + HIDDEN.replace(b"0.5,", b"", 1) + b"]}",  # 783 elements, one of them an array
+        b'{"instances": [' + ROW[:-1] + b', "["], ' + RAGGED_783 + b"]}",  # a "[" in a string
+        b'{"instances": [' + ROW + b'], "instances": [' + ROW + b"]}",  # a key given twice
+        b'\xef\xbb\xbf{"instances": [' + ROW + b"]}",  # a byte-order mark
+        b'{"instances": [' + ROW + b"]} x",
+        b'{"instances": [' + ROW.replace(b"0.5", b"NaN", 1) + b"]}",
+        b'{"instances": [' + ROW.replace(b"0.5", b"1e400", 1) + b"]}",
+        b'{"instances": [' + ROW.replace(b"0.5", b"null", 1) + b"]}",
+        b'{"instances": [' + ROW.replace(b"0.5", b"true", 1) + b"]}",
+        b'{"instances": [' + ROW.replace(b"0.5", b'"0.5"', 1) + b"]}",
+        b'{"instances": [' + ROW.replace(b"0.5", b"{}", 1) + b"]}",
+        b'{"instances": [' + ROW.replace(b"0.5", b"18446744073709551616", 1) + b"]}",
+        b'{"instances": [' + ROW.replace(b"0.5", b"-9223372036854775809", 1) + b"]}",
+        b'{"instances": [' + NESTED + b"," + ROW + b"]}",
+        b'{"instances": [' + NESTED.replace(b"[0.25,", b"[[0.25],", 1) + b"]}",
+        b'{"instances": [' + ROW + b'], "other": 1}',
+        b'{"instances": []}',
+        b'{"instances": {"0": 1}}',
+        b'[{"instances": [' + ROW + b"]}]",
+        b"",
+    ],
+)
+def test_v1_bodies_the_fast_parser_leaves_to_the_strict_one(raw: bytes) -> None:
+    """Bodies near the common case, which the strict parser refuses (and explains) or reads in its own way (a key
+    given twice): the fast one must leave them to it, and the answer is the strict parser's, word for word."""
+    assert _common_case(raw) is None
+    got, strict = parse_v1(raw), strict_v1(raw)
+    if isinstance(got, ApiError):
+        assert (got.status, got.code, got.message, got.loc) == strict
+    else:
+        np.testing.assert_array_equal(got, strict)
