@@ -15,7 +15,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.app import create_app
-from service.http import HeadLimitedHttpToolsProtocol
+from service.http import ServingHttpProtocol
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -87,7 +87,7 @@ def main() -> None:
         log_level=settings.log_level,
         access_log=settings.access_log,
         loop="uvloop",
-        http=HeadLimitedHttpToolsProtocol.limited(settings.max_header_bytes),
+        http=ServingHttpProtocol.limited(settings.max_header_bytes),
         timeout_graceful_shutdown=30,
         server_header=False,
         proxy_headers=False,
