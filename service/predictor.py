@@ -75,24 +75,18 @@ class PlainPassTimes:
     """What a plain (unmonitored) forward pass takes, by batch size: what the drift budget subtracts from a monitored
     pass to find the drift work's share of it.
 
-    The estimate is the lower quartile of the last PLAIN_SAMPLES plain passes of the size, less those more than
-    PLAIN_REFRESH seconds older than the newest. A quartile, because single passes vary with the scheduler: a moving
-    mean that a slow pass pushed up made monitored passes look cheap, and at c=1 a 1 % budget then let the drift
-    work take 2.5 % of the worker's time (measured in process, bench/README.md). Erring low is the safe side: it
-    charges the drift work a little more than it took. A measure taken while the machine was busy is replaced by the
-    first pass more than PLAIN_REFRESH seconds later. Computed only when asked (a monitored batch), not per pass.
+    The estimate is the fastest of the last PLAIN_SAMPLES plain passes of the size. Passes vary with the scheduler
+    and the caches, and an estimate that is too high makes monitored passes look cheap: a moving mean that single
+    slow passes pushed up let a 1 % budget take 2.5 % of the worker's time at c=1 (measured in process,
+    bench/README.md), and a slow measure (a busy warm-up, a pass on a graph gone cold) let it monitor every batch.
+    The fastest errs low, which is the safe side: it charges the drift work a little more than it took.
     """
 
     def __init__(self) -> None:
         self._passes: dict[int, deque[tuple[float, float]]] = {}  # size → (when, seconds), oldest first
-        self._estimates: dict[int, float] = {}  # size → the estimate, until its next pass
 
     def add(self, images: int, seconds: float, now: float) -> None:
-        passes = self._passes.setdefault(images, deque(maxlen=PLAIN_SAMPLES))
-        while passes and now - passes[0][0] > PLAIN_REFRESH:
-            passes.popleft()
-        passes.append((now, seconds))
-        self._estimates.pop(images, None)
+        self._passes.setdefault(images, deque(maxlen=PLAIN_SAMPLES)).append((now, seconds))
 
     def measured_at(self, images: int) -> float | None:
         """When a plain pass of this size was last measured (None: never)."""
@@ -100,17 +94,15 @@ class PlainPassTimes:
         return passes[-1][0] if passes else None
 
     def estimate(self, images: int) -> float:
-        """Seconds of a plain pass of this size; from the nearest size measured, scaled, if this one never was; 0 if
-        none was (all of a monitored pass then counts as drift work, until a plain pass shows what one takes)."""
+        """Seconds of a plain pass of this size. If this one was never measured, the next larger size's scaled down
+        (an image costs less in a larger batch: erring low again), else the largest's scaled up; 0 if none was (all
+        of a monitored pass then counts as drift work, until a plain pass shows what one takes)."""
         if not self._passes:
             return 0.0
         if images not in self._passes:
-            nearest = min(self._passes, key=lambda n: abs(n - images))
+            nearest = min((n for n in self._passes if n > images), default=max(self._passes))
             return self.estimate(nearest) * images / nearest
-        if images not in self._estimates:
-            times = sorted(seconds for _, seconds in self._passes[images])
-            self._estimates[images] = times[(len(times) - 1) // 4]
-        return self._estimates[images]
+        return min(seconds for _, seconds in self._passes[images])
 
 
 @dataclass(frozen=True)
@@ -260,6 +252,9 @@ class Predictor:
             monitored = self._budget.allows() and not stale
             self._monitored_in_a_row[images] = self._monitored_in_a_row.get(images, 0) + 1 if monitored else 0
         if not monitored:
+            if stale:  # after a long monitored run the plain graph's memory is cold: measure a second, warm pass
+                self.engine.forward(pixels)
+                started = time.perf_counter()
             probs = self.engine.forward(pixels)
             now = time.perf_counter()
             with self._drift_lock:

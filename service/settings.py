@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     drift_budget: float = Field(
         0.01, gt=0.0, le=1.0,
         description="the drift work may take this fraction of the inference worker's wall-clock time; batches "
-        "past it go unmonitored (1: monitor every image). At c=1, 0.02 measured 0.93 of drift off, 0.01 0.96",
+        "past it go unmonitored (1: monitor every image); drift on/off throughput: bench/README.md",
     )  # fmt: skip
 
     # Admin: routes are disabled (404) unless a token is set.
