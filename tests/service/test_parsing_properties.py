@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 from model.preprocess import PixelError, to_image_batch
 from service.errors import ApiError, error_response
-from service.schemas import _common_case, parse_predict_body
+from service.schemas import FAST_PARSE_MAX_BYTES, _common_case, parse_predict_body
 from service.v2_protocol import OUTPUT_NAMES, ParsedInference, parse_infer_body
 
 MAX_INSTANCES = 3
@@ -433,3 +433,15 @@ def test_v1_bodies_the_fast_parser_leaves_to_the_strict_one(raw: bytes) -> None:
         assert (got.status, got.code, got.message, got.loc) == strict
     else:
         np.testing.assert_array_equal(got, strict)
+
+
+def test_v1_bodies_past_the_fast_parsers_capacity_go_to_the_strict_one() -> None:
+    """The fast parser keeps buffers as large as the largest body it reads: a larger body than it needs is the
+    strict parser's (and still parsed right)."""
+    long_row = b"[" + b",".join([b"0.5" + b"0" * 47] * 784) + b"]"
+    raw = b'{"instances": [' + b",".join([long_row] * 64) + b"]}"  # 64: the server's default limit
+    assert len(raw) > FAST_PARSE_MAX_BYTES
+    assert _common_case(raw) is None
+    got = parse_predict_body(raw, max_instances=64)
+    assert got.shape == (64, 1, 28, 28) and (got == 0.5).all()
+    assert _common_case(b'{"instances": [' + ROW + b"]}") is not None, "and the parser still works after it"
