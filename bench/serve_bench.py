@@ -174,17 +174,20 @@ def load(url: str, body_path: Path, connections: int, duration: float, workdir: 
 
 
 class Server:
-    """One server process on a free loopback port."""
+    """One server process on a free loopback port. A name "bnserve@LABEL" runs the bnserve server from the checkout
+    `trees[LABEL]` (another commit, or a variant of this one) with this venv, so code can be A/B'd in paired rounds."""
 
-    def __init__(self, name: str, artifact: Path) -> None:
+    def __init__(self, name: str, artifact: Path, trees: dict[str, Path] | None = None) -> None:
         self.name = name
         port = free_port()
-        cmd, extra = server_commands(port)[name]
+        base_name, _, label = name.partition("@")
+        tree = (trees or {})[label] if label else REPO
+        cmd, extra = server_commands(port)[base_name]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BNSERVE_")}
-        env.update(extra, BNSERVE_ARTIFACT_DIR=str(artifact), PYTHONPATH=str(REPO))
+        env.update(extra, BNSERVE_ARTIFACT_DIR=str(artifact), PYTHONPATH=str(tree))
         self.base = f"http://127.0.0.1:{port}"
         self.url = f"{self.base}/v1/predict"
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def rss(self) -> float:
         return rss_mb(self.proc.pid)
@@ -209,8 +212,9 @@ class Server:
 
 
 def bench_servers(
-    names: list[str], artifact: Path, body: Path, levels: list[int], duration: float, rounds: int, work: Path
-) -> list[Run]:
+    names: list[str], artifact: Path, body: Path, levels: list[int], duration: float, rounds: int, work: Path,
+    trees: dict[str, Path] | None = None,
+) -> list[Run]:  # fmt: skip
     """All servers run at once, idle but one: at each level every server gets `duration` s of load in turn, for
     `rounds` rounds, and a figure is the median over its rounds.
 
@@ -218,7 +222,7 @@ def bench_servers(
     of one level, and two identical servers differed by 0.77 and 1.37 in medians of such runs. Many short rounds
     in serpentine order (forward, then backward) keep neighbours in the list back to back in every round, each of a
     pair first in half of them; `paired` takes the ratio within each round."""
-    servers = [Server(name, artifact) for name in names]
+    servers = [Server(name, artifact, trees) for name in names]
     runs = []
     try:
         for srv in servers:
@@ -297,9 +301,18 @@ def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
             ("A/A control: two identical nodrift servers rps", twin, off), ("worker process/thread rps", bn, thread),
             ("onnxruntime/torch engine rps", bn, eager),
         ]  # fmt: skip
+        # servers run from other checkouts (--tree): each against this checkout's server of the same kind
+        for server in sorted({r.server for r in runs if "@" in r.server}):
+            pairs.append(
+                (
+                    f"{server} / {server.partition('@')[0]} rps",
+                    by.get((server, c)),
+                    by.get((server.partition("@")[0], c)),
+                )
+            )
         for name, a, b in pairs:
             if a and b:
-                out[name][c] = paired(a, b)
+                out.setdefault(name, {})[c] = paired(a, b)
         if bn and naive:
             out["bnserve/naive p50"][c] = paired(bn, naive, "p50_ms")
     return out
@@ -337,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         default="bnserve,bnserve-nodrift,bnserve-nodrift-2,bnserve-alldrift,bnserve-thread,bnserve-torch,naive,ceiling",
     )
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per level; figures are medians")
+    p.add_argument(
+        "--tree", action="append", default=[], metavar="LABEL=PATH",
+        help="another checkout to A/B: adds server 'bnserve@LABEL' (or list 'bnserve-nodrift@LABEL' in --servers), "
+        "run from PATH with this venv; its ratio to this checkout's server of the same kind is reported",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     levels = [int(c) for c in a.concurrency.split(",")]
@@ -348,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         body = work / "body.json"
         body.write_text(json.dumps({"instances": [[round(float(v), 6) for v in image.reshape(-1)]]}))
-        runs = bench_servers(a.servers.split(","), a.artifact.resolve(), body, levels, a.duration, a.rounds, work)
+        trees = {label: Path(path).resolve() for label, _, path in (t.partition("=") for t in a.tree)}
+        names = a.servers.split(",")
+        names += [f"bnserve@{label}" for label in trees if not any(n.endswith(f"@{label}") for n in names)]
+        runs = bench_servers(names, a.artifact.resolve(), body, levels, a.duration, a.rounds, work, trees)
     rat = ratios(runs)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "duration": a.duration, "rounds": a.rounds,
