@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from fastapi import FastAPI, Request
 
-from service.responses import OrjsonResponse
-from service.schemas import parse_predict_body
+from service.api.responses import OrjsonResponse
+from service.api.v1_schema import parse_predict_body
 
 app = FastAPI()
 _FAKE = np.full(10, 0.1, dtype=np.float32)

@@ -74,10 +74,10 @@ def server_commands(port: int) -> dict[str, tuple[list[str], dict[str, str]]]:
         # whole run (measured: 1.00 / 1.07 / 1.05 at c=1 in 24 paired rounds); its ratio to bnserve-nodrift is the
         # noise floor of every on/off ratio here
         "bnserve-nodrift-2": nodrift,
-        # every image monitored, whatever the load (no drift budget)
+        # every image monitored, whatever the load (drift sample 1)
         "bnserve-alldrift": (
             [py, "-m", "service"],
-            {**bn, "BNSERVE_DRIFT_ENABLED": "true", "BNSERVE_DRIFT_BUDGET": "1"},
+            {**bn, "BNSERVE_DRIFT_ENABLED": "true", "BNSERVE_DRIFT_SAMPLE": "1"},
         ),
         # the model on a thread of the event loop's process, as before the worker process: the GIL is shared
         "bnserve-thread": (
@@ -193,7 +193,7 @@ class Server:
         return rss_mb(self.proc.pid)
 
     def drift_counts(self) -> tuple[int, int] | None:
-        """bnserve with drift on: images its drift window saw, and images served unmonitored (the drift budget)."""
+        """bnserve with drift on: images its drift window saw, and images served unmonitored (the drift sampling rule)."""
         if not self.name.startswith("bnserve"):
             return None
         r = httpx.get(f"{self.base}/v1/drift", timeout=10)

@@ -14,7 +14,6 @@ when a channel has a large mean and a tiny variance.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -163,10 +162,8 @@ class BnStatsRecorder:
             self._centres[n] = centre.view((-1, 1, 1) if isinstance(bns[n], nn.BatchNorm2d) else (-1,))
         self._sink: Callable[[str, torch.Tensor], None] | None = None
         self._scratch: dict[str, torch.Tensor] = {}
-        self.seconds = 0.0  # spent computing moments, in total (the service's drift budget reads it)
         self._bns = bns
         self._handles: list[RemovableHandle] = []
-        self._removed = False
 
     def _hook_for(self, name: str):  # type: ignore[no-untyped-def]
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -176,13 +173,10 @@ class BnStatsRecorder:
         return hook
 
     def _moments_of(self, name: str, x: torch.Tensor) -> Moments:
-        started = time.perf_counter()
         buf = self._scratch.get(name)
         if buf is None or not fits_scratch(buf, x):  # grows to the largest batch, then stays
             buf = self._scratch[name] = torch.empty_like(x)
-        moments = per_image_moments(x, self._centres[name], buf, self._unscale.get(name))
-        self.seconds += time.perf_counter() - started
-        return moments
+        return per_image_moments(x, self._centres[name], buf, self._unscale.get(name))
 
     def centre(self, name: str) -> torch.Tensor:
         """Where layer `name`'s hooks centre its input (μ_r, or where it lands in a folded layer's output): float32,
@@ -211,9 +205,6 @@ class BnStatsRecorder:
         """The hooks exist only inside the block: a module with a hook takes PyTorch's slow call path, and the four
         hooks cost a forward pass ~35 µs even when they record nothing (+8 % at batch 1, measured), which a
         server that samples its batches for drift would pay on every batch."""
-        if self._removed:
-            yield
-            return
         self._sink = sink
         self._handles = [bn.register_forward_pre_hook(self._hook_for(name)) for name, bn in self._bns.items()]
         try:
@@ -223,10 +214,6 @@ class BnStatsRecorder:
                 handle.remove()
             self._handles.clear()
             self._sink = None
-
-    def remove(self) -> None:
-        """Record nothing from now on."""
-        self._removed = True
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
-from service.errors import install_error_handlers
-from service.fastpath import PredictFastPath
-from service.heap import HeapTrimmer, trim_heap_periodically
+from service.api import health, v1, v2
+from service.api.errors import install_error_handlers
+from service.http.fastpath import PredictFastPath
+from service.http.middleware import BodyLimitMiddleware, ContentEncodingMiddleware, MetricsMiddleware
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, ContentEncodingMiddleware, MetricsMiddleware
-from service.routes import health, v1, v2
+from service.serving.heap_trim import HeapTrimmer, trim_heap_periodically
+from service.serving.state import ServingState
+from service.serving.watch import watch_artifact
 from service.settings import Settings
-from service.state import ServingState
-from service.watch import watch_artifact
 
 logger = logging.getLogger("service")
 

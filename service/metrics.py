@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.drift import DriftReport
+from service.drift_report import DriftReport
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -79,7 +79,7 @@ def drift_families(report: DriftReport) -> Iterator[Metric]:
     model_thr.add_metric([], report.model_threshold)
     images_total = CounterMetricFamily(
         "bnserve_drift_images", "images answered by this model, by whether the drift window saw them "
-        "(unmonitored: served past the drift budget)", labels=["monitored"],
+        "(unmonitored: left out by the drift sampling rule)", labels=["monitored"],
     )  # fmt: skip
     images_total.add_metric(["true"], report.images_seen)
     images_total.add_metric(["false"], report.images_unmonitored)

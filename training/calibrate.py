@@ -16,12 +16,9 @@ def collect_moments(net: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) 
     recorder = BnStatsRecorder(net)
     device = next(net.parameters()).device
     parts: dict[str, list[Moments]] = {name: [] for name in recorder.references}
-    try:
-        for idx in batches(len(x), batch_size, shuffle=False):
-            with recorder.capture() as captured:
-                net(x[idx].to(device))
-            for name, m in captured.items():
-                parts[name].append(m)
-    finally:
-        recorder.remove()
+    for idx in batches(len(x), batch_size, shuffle=False):
+        with recorder.capture() as captured:
+            net(x[idx].to(device))
+        for name, m in captured.items():
+            parts[name].append(m)
     return {name: Moments.concat(p) for name, p in parts.items()}

@@ -110,9 +110,9 @@ class PrometheusProcess:
 
 @pytest.fixture(scope="module")
 def service(tiny_artifact_dir: Path) -> Iterator[ServerProcess]:
-    # every image monitored (as for the shared test server): this tests the scrape and the alerts, not the budget,
-    # and the windows are sent back to back, which the default 1 % budget would sample
-    with ServerProcess(tiny_artifact_dir, admin_token=ADMIN_TOKEN, drift_window=WINDOW, drift_budget=1.0) as srv:
+    # every image monitored (as for the shared test server): this tests the scrape and the alerts, not sampling,
+    # and the windows are sent back to back, which the default share would sample
+    with ServerProcess(tiny_artifact_dir, admin_token=ADMIN_TOKEN, drift_window=WINDOW, drift_sample=1.0) as srv:
         yield srv
 
 

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.serve_bench import rss_mb
-from service.heap import TRIM_INTERVAL
+from service.serving.heap_trim import TRIM_INTERVAL
 from tests.support import ServerProcess, metric
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,1 @@
+"""What runs where the model runs (the inference worker process): worker loop, predictor, engines, drift."""
