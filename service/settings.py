@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.wire import EngineName
 
 
 class Settings(BaseSettings):
@@ -44,9 +45,7 @@ class Settings(BaseSettings):
     )
 
     # Micro-batching.
-    max_batch_size: int = Field(
-        32, ge=1, description="most images in one forward pass (64: no faster at c=128 on 2 CPUs, bench/README.md)"
-    )
+    max_batch_size: int = Field(32, ge=1, description="most images in one forward pass")
     max_batch_delay: float = Field(0.0, ge=0.0, le=1.0, description="seconds to wait for a fuller batch (0: never)")
     max_batches_in_flight: int = Field(
         2, ge=1, le=4, description="2: the next batch waits at the model while one runs, so the model never idles "
@@ -58,9 +57,9 @@ class Settings(BaseSettings):
         0, ge=0, description="intra-op threads of the model (torch and onnxruntime); 0 = half the cores (the rest "
         "serve HTTP), at least 1",
     )  # fmt: skip
-    engine: Literal["onnxruntime", "torch"] = Field(
+    engine: EngineName = Field(
         "onnxruntime", description="what runs the forward pass: onnxruntime (the network exported from the loaded "
-        "weights; 1.5-3x faster on CPU) or torch (eager)",
+        "weights; faster on CPU) or torch (eager)",
     )  # fmt: skip
 
     # Drift monitoring.

@@ -15,7 +15,7 @@ from service.api.parsing import STRICT, describe_value, invalid_json
 
 _NESTED = re.compile(rb'"instances"\s*:\s*\[\s*\[\s*\[')
 EXAMPLE_PIXELS: Any = [0.0] * 784  # a blank image; a real digit is in the README
-# One parser, reused: a new one allocates its buffers anew for every document (3× the parse at 64 images). A parse
+# One parser, reused: a new one allocates its buffers anew for every document. A parse
 # while another document's arrays are still alive raises RuntimeError; `_common_case` holds none past its return.
 # The parser keeps buffers for the largest document it has read (12 MB after a 3.5 MB one): larger bodies than 64
 # images written with long numbers need are left to the strict parser, so what it keeps stays under ~7 MB.
@@ -120,9 +120,8 @@ def _strict_instances(body: bytes, max_instances: int) -> np.ndarray:
 
 def _common_case(body: bytes) -> np.ndarray | None:
     """A well-formed body of numbers as a float64 array, straight from the bytes: simdjson parses it and copies the
-    numbers into one buffer, with no Python float made. 9 µs for one image, 125 µs for 16, against 27 and 400 µs
-    with orjson and a numpy conversion, which took a quarter of the event loop's time at c=32 (bench/README.md).
-    None for anything else, which then goes through the strict parser, the reference.
+    numbers into one buffer, with no Python float made: a third of the cost of orjson and a numpy conversion, which
+    took a quarter of the event loop's time at c=32 (bench/HISTORY.md). None for anything else, which then goes through the strict parser, the reference.
 
     It accepts only what the strict parser accepts, with the same values: one "instances" key holding 784 numbers
     per instance, or 28 rows of 28. Which is made sure of without walking every value from Python: once each

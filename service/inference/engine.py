@@ -5,9 +5,8 @@ with the input normalisation and the softmax inside. Both can also give, from th
 of every BN layer's input that the drift monitor needs (model.bnstats.Moments).
 
 onnxruntime runs the network torch.onnx exports from the loaded weights (at load time: the artifact stays the
-single source of truth, and nothing is unpickled). Measured on this repository's 2-core machine, one intra-op thread
-(bench/README.md): 3.3× torch's speed for one image, 1.7× for 16 and 1.5× for 32; probabilities within 2.4e-7.
-For drift it runs a second graph that also computes, per image and channel, Σ(y − c) and Σ(y − c)² of what each BN
+single source of truth, and nothing is unpickled), several times faster than torch eager on CPU at small batches
+(bench/HISTORY.md). For drift it runs a second graph that also computes, per image and channel, Σ(y − c) and Σ(y − c)² of what each BN
 layer's hooks would see (model.bnstats.per_image_moments does the same in torch, float32 like here): a few
 reductions in C++ in the same pass, and (N, C) outputs, instead of activation-sized ones and ~50 torch calls.
 """

@@ -14,13 +14,10 @@ MODEL_TRIM_THRESHOLD = 128 * 1024 * 1024
 def keep_model_heap_mapped() -> bool:
     """Keep the memory a forward pass frees mapped for the next one, instead of handing it back to the OS (glibc).
 
-    A forward pass allocates its activations and frees them at the end: 3.2 MB for the first convolution's output
-    at batch 32, 6.4 MB at batch 64. glibc serves blocks above its dynamic mmap threshold with mmap and returns
-    them at free, and it shrinks the heap whenever more than its trim threshold (2× the mmap threshold) is free at
-    the top, so depending on the heap's layout each pass could fault all of its activations in again (a page fault
-    per 4 KiB). Measured (bench/README.md): a batch-32 forward pass took 1514 page faults and ran 1.8× slower, and
-    the inference worker at max_batch_size 64 took 49 faults per request, 0.82× the throughput of batch 32 at
-    c=128. Fixed thresholds end that: blocks up to 32 MB come from the heap, and the heap keeps up to 128 MB free
+    A forward pass allocates its activations (megabytes) and frees them at the end. glibc serves blocks above its
+    dynamic mmap threshold with mmap and returns them at free, and it shrinks the heap whenever more than its trim
+    threshold is free at the top, so each pass could fault all of its activations in again, a page fault per 4 KiB
+    (what that cost: bench/HISTORY.md). Fixed thresholds end that: blocks up to 32 MB come from the heap, and the heap keeps up to 128 MB free
     at its top. What stays mapped is the largest forward pass's working set, which the next large batch reuses.
 
     Returns False, changing nothing, off glibc. Process-wide: call it where the model runs.

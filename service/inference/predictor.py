@@ -50,7 +50,7 @@ class Predictor:
         self.name = artifact.meta.name
         self.version = artifact.meta.version
         self.class_names = list(artifact.meta.class_names)
-        # channels-last (NHWC) convolutions are ~2× faster on CPU for batches ≥ 8 (bench/README.md).
+        # channels-last (NHWC): faster convolutions on CPU for batches >= 8 (bench/HISTORY.md)
         self._net = artifact.net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # each BN layer inside the convolution before it (in place: the Predictor owns the artifact's net); the
         # drift hooks still get the BN inputs' moments

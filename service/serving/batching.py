@@ -56,7 +56,7 @@ class MicroBatcher(Generic[P, R]):
     """Groups concurrent requests into batched calls of `infer`, at most `max_in_flight` calls at a time.
 
     Everything here runs on the event loop: `infer` is a coroutine function that hands the batch to where the
-    forward pass runs (the inference worker process, see service/worker.py, or a thread) and awaits the result, so
+    forward pass runs (the inference worker process, see service/serving/worker.py, or a thread) and awaits the result, so
     the loop keeps accepting requests meanwhile. The dispatcher takes the oldest request, then every queued
     request that still fits in `max_batch_size` images. With `max_batch_delay` = 0 it never waits: at low load a
     request runs alone at once, and under load the queue fills while the previous batch runs, so batches grow by
@@ -66,15 +66,13 @@ class MicroBatcher(Generic[P, R]):
     every request in that batch gets the exception.
 
     With `max_in_flight` = 2 the next batch is handed over while one still runs, so the model goes from one batch
-    straight to the next instead of idling until the event loop has answered the last one and formed the next
-    (measured: 2.8 ms idle per 6.6 ms batch at c=32, bench/README.md). `infer` must then accept overlapping calls
+    straight to the next instead of idling until the event loop has answered the last one and formed the next.
+    `infer` must then accept overlapping calls
     and run them in order (the worker process queues them). The second batch only goes early once it holds as many
     images as the running one (or a full batch), so batches do not shrink to the first request that turns up.
     And (without a delay) a batch takes at most its lane's share of the images the server has held at once lately
-    (queued and running, the most in the last 1-2 s, divided by `max_in_flight`), so the lanes stay balanced:
-    at c=32 with batches of up to 32, one batch of ~31 and one of 1-2 alternated (22 % of the batches held one
-    image, which costs 2.4× a batch-16 image), and the second batch, which could never reach the first one's size,
-    waited for it to end. Shares of 16 gave full batches of 16 and 1.25× the throughput (bench/README.md).
+    (queued and running, the most in the last 1-2 s, divided by `max_in_flight`), so the lanes stay balanced rather
+    than alternating one full batch with a one-image one. The measurements behind each rule: bench/HISTORY.md.
 
     >>> async def double(xs: list[int]) -> list[int]:
     ...     return [x * 2 for x in xs]

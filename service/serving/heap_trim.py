@@ -1,10 +1,8 @@
 """Give the event loop's freed heap memory back to the OS once a burst is over (glibc only).
 
-A burst of a few hundred concurrent requests buffers their bodies at once: uvicorn's reads and body chunks,
-a few KB to 160 KB each, all from glibc's heap. When they are freed the heap is left with tens of MB of free
-chunks between live ones; glibc only shrinks the heap from its top, so RSS stayed up to 40 MB higher for good
-after a 300-request burst of 32-image bodies (tests/integration/test_overload.py), though the memory in use was
-back where it was. `malloc_trim(0)` hands the free pages in the middle back too (madvise). Here it runs at most
+A burst of concurrent requests buffers their bodies at once, all from glibc's heap. Freed, they leave free chunks
+between live ones, and glibc only shrinks the heap from its top, so RSS stays up for good after a burst though the
+memory in use is back where it was (bench/HISTORY.md). `malloc_trim(0)` hands the free pages in the middle back too. Here it runs at most
 once per `TRIM_INTERVAL`, and only when the heap holds more than `FREE_BYTES_TO_TRIM` free *and* RSS has grown by
 as much since the last trim (a trim leaves the chunks free, only their pages go, so free bytes alone would ask
 for a trim every second). Steady load leaves neither behind, so the request path does not pay for it.

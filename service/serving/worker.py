@@ -1,9 +1,9 @@
 """The inference worker process, seen from the server: the default place the forward pass runs
 (service/serving/handle.py has the thread kind; service/inference/worker.py is what runs in the process).
 
-Why a process: the event loop (HTTP, JSON, responses) and an inference thread share one GIL, and every torch call
-gives it up and takes it back. Under load that made a 32-image forward pass take 113 ms instead of 6.6 ms
-(bench/README.md). The worker process owns the model, runs the forward pass (with the drift sums inside it, for the
+Why a process: the event loop (HTTP, JSON, responses) and an inference thread would share one GIL, which every
+torch call gives up and takes back, and under load the forward pass then waits for the loop (bench/HISTORY.md).
+The worker process owns the model, runs the forward pass (with the drift sums inside it, for the
 batches the drift sampling rule picks) and keeps the drift window; the event loop's process only moves bytes:
 
 - pixels: the parent writes each batch into a slot of a shared-memory region (a file in /dev/shm, mapped by both
