@@ -139,13 +139,11 @@ async def drift(state: StateDep) -> OrjsonResponse:
     return OrjsonResponse({"enabled": True, "model": model.ref, **report.to_dict()})
 
 
-@router.post(
-    "/drift/reset",
-    tags=["admin"],
-    dependencies=[AdminDep],
-    response_class=OrjsonResponse,
-    responses=_errors(401, 404, 503),
-)
+# bearer token; without one configured these routes answer 404
+_ADMIN: dict[str, Any] = {"tags": ["admin"], "dependencies": [AdminDep], "response_class": OrjsonResponse}
+
+
+@router.post("/drift/reset", **_ADMIN, responses=_errors(401, 404, 503))
 async def drift_reset(state: StateDep) -> OrjsonResponse:
     """Start a new, empty drift window (bearer token; 404 when admin is disabled)."""
     model = state.require_model()
@@ -153,13 +151,7 @@ async def drift_reset(state: StateDep) -> OrjsonResponse:
     return OrjsonResponse({"status": "reset", "model": model.ref})
 
 
-@router.post(
-    "/admin/reload",
-    tags=["admin"],
-    dependencies=[AdminDep],
-    response_class=OrjsonResponse,
-    responses=_errors(401, 404, 422),
-)
+@router.post("/admin/reload", **_ADMIN, responses=_errors(401, 404, 422))
 async def admin_reload(state: StateDep) -> OrjsonResponse:
     """Reload the artifact: verify it beside the current model, then swap atomically (bearer token)."""
     new = await state.reload()

@@ -26,13 +26,13 @@ ENGINE_TOLERANCE = 1e-4  # most a probability may differ between the serving eng
 
 
 class Predictor:
-    """Owns one verified model; `predict` runs one eval-mode forward pass with the BN hooks inside it.
+    """Owns one verified, self-tested model; `predict` runs one eval-mode forward pass with the drift sums inside it.
 
     One thread calls `predict` at a time (the inference worker process's, or LocalHandle's thread). A Predictor
     never changes its model: a reload builds a new Predictor, so in-flight batches finish on the one they started
     with.
 
-    >>> p = Predictor.load(Path("artifacts/mnist-bn"), drift_window=256)
+    >>> p = Predictor(load_artifact(Path("artifacts/mnist-bn")), drift_window=256)  # ArtifactError if unservable
     >>> p.predict(np.zeros((2, 1, 28, 28), np.float32)).shape
     (2, 10)
     """
@@ -76,27 +76,7 @@ class Predictor:
             )
         except RuntimeError as exc:  # e.g. a network built for other input than 1×28×28 images
             raise ArtifactError(f"self-test forward pass failed (exporting for {engine}): {exc}") from None
-
-    @classmethod
-    def load(
-        cls,
-        path: Path,
-        *,
-        drift_window: int | None,
-        top_channels: int = 5,
-        drift_sample: float = 1.0,
-        engine: EngineName = "onnxruntime",
-    ) -> Predictor:
-        """Load, verify and smoke-test an artifact; raises ArtifactError (or ValueError) if it is not servable."""
-        predictor = cls(
-            load_artifact(path),
-            drift_window=drift_window,
-            top_channels=top_channels,
-            drift_sample=drift_sample,
-            engine=engine,
-        )
-        predictor.self_test()
-        return predictor
+        self.self_test()
 
     def self_test(self) -> None:
         """A forward pass on a blank and a random image must give finite probabilities that sum to 1, and the same
@@ -166,10 +146,10 @@ class Predictor:
 
 def load_predictor(config: ModelConfig) -> Predictor:
     """Load, verify, self-test and warm up the model; raises ArtifactError (or ValueError, OSError)."""
-    keep_model_heap_mapped()  # activations stay mapped between forward passes (service/heap.py)
+    keep_model_heap_mapped()  # activations stay mapped between forward passes
     torch.set_num_threads(config.torch_threads)
-    predictor = Predictor.load(
-        Path(config.artifact_dir),
+    predictor = Predictor(
+        load_artifact(Path(config.artifact_dir)),
         drift_window=config.drift_window,
         top_channels=config.top_channels,
         drift_sample=config.drift_sample,

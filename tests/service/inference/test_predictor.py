@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.artifact import load_artifact
 from service.inference.predictor import Predictor
 from service.inference.sampling import IDLE_GAP, SHARE_HORIZON, DriftSampler
 
@@ -17,13 +18,13 @@ def _window(report) -> list[tuple[str, float | None]]:  # type: ignore[no-untype
 
 def test_drift_window_is_the_same_for_any_batching_and_either_engine(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
     images = test_images[0][:80, None]  # (80, 1, 28, 28)
-    reference = Predictor.load(tiny_artifact_dir, drift_window=64, engine="torch")
+    reference = Predictor(load_artifact(tiny_artifact_dir), drift_window=64, engine="torch")
     reference.predict(images)  # torch: moments in the recorder's hooks
     reports = [reference.drift_report()]
     for engine in ("onnxruntime", "torch"):
-        one_batch = Predictor.load(tiny_artifact_dir, drift_window=64, engine=engine)
-        singles = Predictor.load(tiny_artifact_dir, drift_window=64, engine=engine)
-        mixed = Predictor.load(tiny_artifact_dir, drift_window=64, engine=engine)
+        one_batch = Predictor(load_artifact(tiny_artifact_dir), drift_window=64, engine=engine)
+        singles = Predictor(load_artifact(tiny_artifact_dir), drift_window=64, engine=engine)
+        mixed = Predictor(load_artifact(tiny_artifact_dir), drift_window=64, engine=engine)
         one_batch.predict(images)
         for i in range(80):
             singles.predict(images[i : i + 1])
@@ -44,7 +45,7 @@ def test_a_report_counts_every_answered_image_and_a_reset_empties_the_window(
     tiny_artifact_dir: Path, test_images
 ) -> None:  # type: ignore[no-untyped-def]
     images = test_images[0][:, None]
-    p = Predictor.load(tiny_artifact_dir, drift_window=16)
+    p = Predictor(load_artifact(tiny_artifact_dir), drift_window=16)
     for i in range(5):
         p.predict(images[i : i + 1])
     report = p.drift_report()
@@ -56,7 +57,7 @@ def test_a_report_counts_every_answered_image_and_a_reset_empties_the_window(
 
 
 def test_without_monitoring_there_is_nothing_to_record(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
-    p = Predictor.load(tiny_artifact_dir, drift_window=None)
+    p = Predictor(load_artifact(tiny_artifact_dir), drift_window=None)
     assert p.predict(test_images[0][:2, None]).shape == (2, 10)
     p.reset_drift()
     assert p.drift_report() is None
@@ -124,7 +125,7 @@ def test_a_burst_monitored_while_idle_does_not_starve_the_window_later() -> None
 
 def test_images_past_the_sample_go_unmonitored_and_are_counted(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
     images = test_images[0][:, None]
-    p = Predictor.load(tiny_artifact_dir, drift_window=16, drift_sample=0.05)
+    p = Predictor(load_artifact(tiny_artifact_dir), drift_window=16, drift_sample=0.05)
     for i in range(0, 512, 4):  # back to back: the worker is never idle for 10 ms
         p.predict(images[i : i + 4])
     report = p.drift_report()
@@ -136,7 +137,7 @@ def test_images_past_the_sample_go_unmonitored_and_are_counted(tiny_artifact_dir
 
 def test_with_a_full_share_every_image_is_monitored(tiny_artifact_dir: Path, test_images) -> None:  # type: ignore[no-untyped-def]
     images = test_images[0][:, None]
-    p = Predictor.load(tiny_artifact_dir, drift_window=16, drift_sample=1.0)
+    p = Predictor(load_artifact(tiny_artifact_dir), drift_window=16, drift_sample=1.0)
     for i in range(0, 256, 4):
         p.predict(images[i : i + 4])
     report = p.drift_report()

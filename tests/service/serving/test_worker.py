@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.artifact import WEIGHTS_FILE, Artifact
+from model.artifact import WEIGHTS_FILE, Artifact, load_artifact
 from service.inference.predictor import Predictor
 from service.serving.handle import LocalHandle, ModelHandle, ModelLoadError
 from service.serving.worker import WorkerDiedError, WorkerHandle
@@ -44,7 +44,7 @@ async def test_answers_match_a_lone_forward_pass_and_the_drift_window_matches_in
         big = await model.predict([x[10:40]])  # 30 images: more than the capacity of 16, run in parts
         np.testing.assert_allclose(big, direct_probabilities(tiny_artifact, x[10:40]), atol=1e-6)
 
-        reference = Predictor.load(tiny_artifact_dir, drift_window=WINDOW, top_channels=3)
+        reference = Predictor(load_artifact(tiny_artifact_dir), drift_window=WINDOW, top_channels=3)
         reference.predict(x)
         expected = reference.drift_report()
         report = await model.drift_report()
