@@ -11,7 +11,7 @@ PORT ?= 8000
 # Packages from Debian that tests need (a real Prometheus server and promtool; wrk for the benchmark).
 APT_PACKAGES ?= prometheus wrk
 
-.PHONY: help venv data train run test test-fast lint typecheck bench bench-soak drift-eval system-deps docker-standins docker-build docker-e2e clean
+.PHONY: help venv data train run test test-fast lint typecheck bench bench-replica bench-soak drift-eval system-deps docker-standins docker-build docker-e2e clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ test-fast: venv  ## quick inner loop: unit tests only (no servers, no slow tests
 
 bench: venv system-deps $(ARTIFACT)/model.json  ## serving benchmark: bnserve vs naive vs HTTP ceiling
 	$(PY) -m bench.serve_bench --artifact $(ARTIFACT)
+
+bench-replica: venv $(ARTIFACT)/model.json  ## one replica's RSS per process and time to ready
+	$(PY) -m bench.replica --artifact $(ARTIFACT)
 
 bench-soak: venv $(ARTIFACT)/model.json  ## 100k mixed requests, RSS over time
 	$(PY) -m bench.soak --artifact $(ARTIFACT)

@@ -24,23 +24,23 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.deps import require_json
 from service.api.errors import error_for
 from service.api.v1 import answer_predict
-from service.http.middleware import read_body
+from service.http.middleware import HttpMiddleware, read_body
 from service.serving.state import ServingState
 
 logger = logging.getLogger("service.fastpath")
 
 
-class PredictFastPath:
+class PredictFastPath(HttpMiddleware):
     """Serves POST to `route`'s path directly; everything else goes on to the app."""
 
     def __init__(self, app: ASGIApp, *, route: APIRoute, state: Callable[[], ServingState]) -> None:
-        self.app = app
+        super().__init__(app)
         self.route = route
         self.path = route.path
         self.state = state
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] != self.path or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         scope["route"] = self.route  # what the router would set: metrics label requests by it

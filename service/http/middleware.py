@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
@@ -21,17 +22,31 @@ class BodyTooLargeError(HTTPException):
         super().__init__(413, f"request body is larger than the {limit}-byte limit")
 
 
-class BodyLimitMiddleware:
+class HttpMiddleware(ABC):
+    """Pure-ASGI middleware for HTTP requests: other scopes (lifespan) go straight on to the app."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    @abstractmethod
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One HTTP request."""
+
+
+class BodyLimitMiddleware(HttpMiddleware):
     """413 for bodies over the limit: at once from Content-Length, or mid-stream for chunked uploads."""
 
     def __init__(self, app: ASGIApp, *, limit_for: Callable[[str], int]) -> None:
-        self.app = app
+        super().__init__(app)
         self.limit_for = limit_for
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.limit_for(scope["path"])
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -80,7 +95,7 @@ REQUEST_CODINGS = {"gzip": GZIP_WBITS, "x-gzip": GZIP_WBITS, "deflate": zlib.MAX
 ACCEPTED_CODINGS = "gzip, deflate, identity"
 
 
-class ContentEncodingMiddleware:
+class ContentEncodingMiddleware(HttpMiddleware):
     """Request bodies sent with `Content-Encoding: gzip` (or deflate) are decompressed before anything reads them.
 
     Pixels as JSON compress 7-10:1, so a client may well send them compressed. A coding we do not decode gets 415
@@ -89,13 +104,10 @@ class ContentEncodingMiddleware:
     """
 
     def __init__(self, app: ASGIApp, *, limit_for: Callable[[str], int]) -> None:
-        self.app = app
+        super().__init__(app)
         self.limit_for = limit_for
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         codings = [
             c.strip().lower()
             for name, value in scope["headers"]
@@ -172,17 +184,14 @@ async def read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HttpMiddleware):
     """Counts requests and observes latency by route template (never the raw path: bounded cardinality)."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500  # if the app dies before answering, that is what the client sees
 
