@@ -74,11 +74,11 @@ def one_start(tree: Path, artifact: Path, body: bytes, requests: int) -> dict[st
         time.sleep(2.0)  # let the worker's warm-up garbage settle
         idle = process_rss(proc.pid)
         with httpx.Client(base_url=base, timeout=30) as client, ThreadPoolExecutor(8) as pool:
-            post = lambda _: (
-                client.post(  # noqa: E731
-                    "/v1/predict", content=body, headers={"Content-Type": "application/json"}
-                ).status_code
-            )
+
+            def post(_: int) -> int:
+                headers = {"Content-Type": "application/json"}
+                return client.post("/v1/predict", content=body, headers=headers).status_code
+
             statuses = list(pool.map(post, range(requests)))
         loaded = process_rss(proc.pid)
         if set(statuses) != {200}:

@@ -31,6 +31,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+DRIFT_WINDOW = 256  # the servers' drift window (BNSERVE_DRIFT_WINDOW's default)
 
 
 @dataclass
@@ -325,13 +326,15 @@ def markdown(runs: list[Run], rat: dict[str, dict[int, float]], meta: dict[str, 
         "over rounds of the ratio within a round), "
         "body: one real MNIST test image (784 floats).",
         "",
-        "| server | conc. | req/s | p50 ms | p99 ms | errors | drift window saw | RSS before → after (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| server | conc. | req/s | p50 ms | p99 ms | errors | drift window saw | window new every | RSS before → after (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
         saw = "–" if r.monitored is None else f"{100 * r.monitored:.0f} %"
+        # one image per request: the window of DRIFT_WINDOW images is replaced every W / (share × req/s) seconds
+        refresh = "–" if not r.monitored else f"{DRIFT_WINDOW / (r.monitored * r.rps):.2f} s"
         lines.append(
-            f"| {r.server} | {r.concurrency} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {saw} | {r.rss_before_mb:.0f} → {r.rss_after_mb:.0f} |"
+            f"| {r.server} | {r.concurrency} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {saw} | {refresh} | {r.rss_before_mb:.0f} → {r.rss_after_mb:.0f} |"
         )
     levels = sorted({r.concurrency for r in runs})
     lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---:|" * len(levels)]
