@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from model.calibration import Calibration
@@ -182,9 +183,13 @@ def load_artifact(path: Path) -> Artifact:
     if Path(meta.weights.file).name != meta.weights.file:
         raise ArtifactError(f"weights file name {meta.weights.file!r} must not contain a path")
     weights = path / meta.weights.file
-    if not weights.is_file():
-        raise ArtifactError(f"weights file {weights} is missing")
-    actual = sha256_file(weights)
+    try:  # read once: the bytes that are hashed are the bytes that are loaded, whatever happens to the file
+        blob = weights.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"weights file {weights} is missing") from None
+    except OSError as exc:
+        raise ArtifactError(f"weights file {weights} is not readable: {exc}") from None
+    actual = hashlib.sha256(blob).hexdigest()
     if actual != meta.weights.sha256:
         raise ArtifactError(
             f"weights hash mismatch for {weights}: model.json says {meta.weights.sha256[:16]}…, "
@@ -200,7 +205,7 @@ def load_artifact(path: Path) -> Artifact:
         raise ArtifactError(f"{len(meta.class_names)} class names for {config.num_classes} classes")
     net = build_net(config)
     try:
-        state = load_file(str(weights))
+        state = load_safetensors(blob)
         net.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise ArtifactError(f"weights in {weights} do not match the architecture: {exc}") from None

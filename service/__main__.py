@@ -9,6 +9,7 @@ import sys
 from types import FrameType
 
 import uvicorn
+from pydantic import ValidationError
 
 from service.app import create_app
 from service.http.protocol import ServingHttpProtocol
@@ -28,7 +29,12 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> None:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # one clear message, no traceback; values are never shown (hide_input_in_errors)
+        problems = "; ".join(f"BNSERVE_{'.'.join(map(str, e['loc'])).upper() or '*'}: {e['msg']}" for e in exc.errors())
+        print(f"bnserve: invalid settings: {problems}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(

@@ -16,7 +16,8 @@ class Settings(BaseSettings):
     >>> Settings(artifact_dir=Path("artifacts/mnist-bn"), max_batch_size=32)
     """
 
-    model_config = SettingsConfigDict(env_prefix="BNSERVE_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused setting's message must not echo its value (the admin token among them)
+    model_config = SettingsConfigDict(env_prefix="BNSERVE_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     artifact_dir: Path = Field(Path("artifacts/mnist-bn"), description="artifact directory to serve")
     host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")

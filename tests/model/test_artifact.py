@@ -3,6 +3,8 @@
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +139,21 @@ def test_same_weights_give_the_same_hash(saved: tuple[Path, torch.nn.Module], tm
         )  # fmt: skip
         digests.add(meta.weights.sha256)
     assert digests == {load_artifact(path).sha256}
+
+
+_COUNT_OPENS = """
+import sys
+from pathlib import Path
+from model.artifact import WEIGHTS_FILE, load_artifact
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and str(args[0]).endswith(WEIGHTS_FILE) else None)
+load_artifact(Path(sys.argv[1]))
+print(len(opened))
+"""
+
+
+def test_the_weights_are_read_once_so_the_hashed_bytes_are_the_loaded_bytes(tiny_artifact_dir: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _COUNT_OPENS, str(tiny_artifact_dir)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "1", "a second open could read other bytes than the ones hashed"
