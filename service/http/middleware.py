@@ -184,6 +184,9 @@ async def read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
 class MetricsMiddleware(HttpMiddleware):
     """Counts requests and observes latency by route template (never the raw path: bounded cardinality)."""
 
@@ -207,7 +210,8 @@ class MetricsMiddleware(HttpMiddleware):
         finally:
             self.metrics.in_flight.dec()
             route = _route_template(scope)
-            labels = (route, scope["method"], str(status))
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"  # a client's word: bounded
+            labels = (route, method, str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 

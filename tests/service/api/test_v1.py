@@ -231,3 +231,12 @@ async def test_two_apps_in_one_process_share_no_state(tiny_artifact_dir: Path, t
         drift_a, drift_b = (await a.client.get("/v1/drift")).json(), (await b.client.get("/v1/drift")).json()
         assert (drift_a["window"], drift_a["images_seen"]) == (16, 12)
         assert (drift_b["window"], drift_b["images_seen"]) == (32, 0)
+
+
+async def test_the_method_label_is_bounded(app: RunningApp) -> None:
+    for method in ("BREW", "X" * 200):
+        r = await app.client.request(method, "/v1/predict")
+        assert r.status_code in (404, 405) and "error" in r.json()
+    text = (await app.client.get("/metrics")).text
+    assert "BREW" not in text and "X" * 50 not in text, "a client's method never becomes a label value"
+    assert app.sample("bnserve_http_requests_total", route="/v1/predict", method="other", status="405") == 2
