@@ -48,6 +48,8 @@ class Run:
     monitored: float | None = None  # share of the level's images the drift window saw (bnserve with drift on)
     rounds_rps: list[float] = field(default_factory=list)  # each round's req/s, in round order
     rounds_p50_ms: list[float] = field(default_factory=list)
+    cpu_ms: float = 0.0  # CPU time of the server and its worker per request, ms (median over rounds)
+    rounds_cpu_ms: list[float] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -117,7 +119,17 @@ def rss_mb(pid: int) -> float:
     return over_tree(pid, _own_rss_mb)
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _own_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process and its live descendants (bnserve's inference worker) have used so far."""
+    return over_tree(pid, _own_cpu_seconds)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     body = json.dumps({"instances": [[0.0] * 784]})
     while time.monotonic() < deadline:
@@ -193,6 +205,9 @@ class Server:
     def rss(self) -> float:
         return rss_mb(self.proc.pid)
 
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
     def drift_counts(self) -> tuple[int, int] | None:
         """bnserve with drift on: images its drift window saw, and images served unmonitored (the drift sampling rule)."""
         if not self.name.startswith("bnserve"):
@@ -236,21 +251,26 @@ def bench_servers(
             results: dict[str, list[dict[str, float]]] = {srv.name: [] for srv in servers}
             for k in range(rounds):
                 for srv in servers if k % 2 == 0 else servers[::-1]:
-                    results[srv.name].append(load(srv.url, body, c, duration, work))
+                    # CPU per request: what the server spent, whatever else the (shared) machine was doing
+                    cpu_before = srv.cpu()
+                    result = load(srv.url, body, c, duration, work)
+                    result["cpu_ms"] = 1e3 * (srv.cpu() - cpu_before) / max(result["requests"], 1)
+                    results[srv.name].append(result)
             for srv in servers:
                 rs = results[srv.name]
-                med = {key: float(np.median([r[key] for r in rs])) for key in ("rps", "p50_ms", "p99_ms")}
+                med = {key: float(np.median([r[key] for r in rs])) for key in ("rps", "p50_ms", "p99_ms", "cpu_ms")}
                 errors, requests = sum(int(r["errors"]) for r in rs), sum(int(r["requests"]) for r in rs)
                 runs.append(
                     Run(srv.name, c, med["rps"], med["p50_ms"], med["p99_ms"], errors, requests,
                         rss_before[srv.name], srv.rss(), monitored_share(counts_before[srv.name], srv.drift_counts()),
-                        [r["rps"] for r in rs], [r["p50_ms"] for r in rs])
+                        [r["rps"] for r in rs], [r["p50_ms"] for r in rs], med["cpu_ms"], [r["cpu_ms"] for r in rs])
                 )  # fmt: skip
                 spread = " / ".join(f"{r['rps']:.0f}" for r in rs)
                 saw = runs[-1].monitored
                 print(
                     f"  {srv.name:16s} c={c:<4d} {med['rps']:8.0f} req/s ({spread})  p50 {med['p50_ms']:6.2f} ms  "
-                    f"p99 {med['p99_ms']:7.2f} ms  errors {errors}" + ("" if saw is None else f"  monitored {saw:.0%}"),
+                    f"p99 {med['p99_ms']:7.2f} ms  cpu {med['cpu_ms']:.3f} ms/req  errors {errors}"
+                    + ("" if saw is None else f"  monitored {saw:.0%}"),
                     flush=True,
                 )
         for srv in servers:
@@ -303,7 +323,8 @@ def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
             ("onnxruntime/torch engine rps", bn, eager),
         ]  # fmt: skip
         # servers run from other checkouts (--tree): each against this checkout's server of the same kind
-        for server in sorted({r.server for r in runs if "@" in r.server}):
+        variants = sorted({r.server for r in runs if "@" in r.server})
+        for server in variants:
             pairs.append(
                 (
                     f"{server} / {server.partition('@')[0]} rps",
@@ -314,6 +335,14 @@ def ratios(runs: list[Run]) -> dict[str, dict[int, float]]:
         for name, a, b in pairs:
             if a and b:
                 out.setdefault(name, {})[c] = paired(a, b)
+        # CPU per request, the steadier measure on a busy machine, for the A/A control and each variant
+        cpu_pairs = [("A/A control cpu/request", twin, off)] + [
+            (f"{v} / {v.partition('@')[0]} cpu/request", by.get((v, c)), by.get((v.partition("@")[0], c)))
+            for v in variants
+        ]
+        for name, a, b in cpu_pairs:
+            if a and b and a.cpu_ms > 0 and b.cpu_ms > 0:
+                out.setdefault(name, {})[c] = paired(a, b, "cpu_ms")
         if bn and naive:
             out["bnserve/naive p50"][c] = paired(bn, naive, "p50_ms")
     return out
@@ -326,15 +355,15 @@ def markdown(runs: list[Run], rat: dict[str, dict[int, float]], meta: dict[str, 
         "over rounds of the ratio within a round), "
         "body: one real MNIST test image (784 floats).",
         "",
-        "| server | conc. | req/s | p50 ms | p99 ms | errors | drift window saw | window new every | RSS before → after (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| server | conc. | req/s | p50 ms | p99 ms | CPU ms/req | errors | drift window saw | window new every | RSS before → after (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
         saw = "–" if r.monitored is None else f"{100 * r.monitored:.0f} %"
         # one image per request: the window of DRIFT_WINDOW images is replaced every W / (share × req/s) seconds
         refresh = "–" if not r.monitored else f"{DRIFT_WINDOW / (r.monitored * r.rps):.2f} s"
         lines.append(
-            f"| {r.server} | {r.concurrency} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {saw} | {refresh} | {r.rss_before_mb:.0f} → {r.rss_after_mb:.0f} |"
+            f"| {r.server} | {r.concurrency} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.cpu_ms:.3f} | {r.errors} | {saw} | {refresh} | {r.rss_before_mb:.0f} → {r.rss_after_mb:.0f} |"
         )
     levels = sorted({r.concurrency for r in runs})
     lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---:|" * len(levels)]

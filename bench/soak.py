@@ -37,7 +37,7 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from bench.serve_bench import REPO, RESULTS, free_port, over_tree, rss_mb, server_commands, wait_ready
+from bench.serve_bench import REPO, RESULTS, cpu_seconds, free_port, rss_mb, server_commands, wait_ready
 
 WARMUP_FRACTION = 0.1
 RSS_GROWTH_TARGET_MB = 50.0
@@ -166,16 +166,6 @@ def sample_rss(pid: int, tally: Tally, samples: list[tuple[float, float, int]], 
     while not stop.is_set():
         samples.append((time.monotonic() - t0, rss_mb(pid), tally.done))
         stop.wait(1.0)
-
-
-def _own_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process and its live descendants (bnserve's inference worker) have used so far."""
-    return over_tree(pid, _own_cpu_seconds)
 
 
 def summarise(samples: list[tuple[float, float, int]], total: int, tally: Tally) -> dict[str, Any]:

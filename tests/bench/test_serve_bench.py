@@ -20,9 +20,21 @@ def test_ratios_compare_servers_at_the_same_concurrency() -> None:
     assert rat["every image monitored: drift on/off rps"][32] == 1700 / 2100
     assert rat["worker process/thread rps"] == {32: 2.0}
     assert rat["A/A control: two identical nodrift servers rps"] == {32: 2205 / 2100}
+    assert "A/A control cpu/request" not in rat, "no CPU figures measured: no CPU ratio"
     table = markdown(runs, rat, {"date": "d", "cpus": 2, "loader": "wrk", "duration": 10, "rounds": 2})
-    assert "| bnserve | 32 | 2000 | 3.00 | 6.00 | 0 | 25 % | 500 → 501 |" in table
+    assert "| bnserve | 32 | 2000 | 3.00 | 6.00 | 0.000 | 0 | 25 % | 0.51 s | 500 → 501 |" in table
     assert "| naive | 1 | 300 |" in table and "| – |" in table  # no ratio where a server is missing
+
+
+def test_cpu_per_request_is_compared_within_rounds_for_the_control_and_each_variant() -> None:
+    base = Run("bnserve-nodrift", 8, 1000, 1.0, 2.0, 0, 0, 1.0, 1.0, None, [1000, 900], [1.0, 1.1], 0.5, [0.5, 0.6])
+    twin = Run("bnserve-nodrift-2", 8, 1000, 1.0, 2.0, 0, 0, 1.0, 1.0, None, [1000, 900], [1.0, 1.1], 0.5, [0.55, 0.6])
+    variant = Run(
+        "bnserve-nodrift@x", 8, 1000, 1.0, 2.0, 0, 0, 1.0, 1.0, None, [1000, 900], [1.0, 1.1], 0.4, [0.4, 0.48]
+    )
+    rat = ratios([base, twin, variant])
+    assert rat["A/A control cpu/request"] == {8: (1.1 + 1.0) / 2}
+    assert rat["bnserve-nodrift@x / bnserve-nodrift cpu/request"] == {8: 0.8}
 
 
 def test_monitored_share_is_taken_over_the_level() -> None:
