@@ -44,7 +44,11 @@ def main() -> None:
         log_level=settings.log_level,
         access_log=settings.access_log,
         loop="uvloop",
-        http=ServingHttpProtocol.limited(settings.max_header_bytes),
+        http=ServingHttpProtocol.configured(
+            max_head_bytes=settings.max_header_bytes,
+            read_timeout=settings.read_timeout,
+            max_connections=settings.max_connections,
+        ),
         timeout_graceful_shutdown=30,
         server_header=False,
         proxy_headers=False,

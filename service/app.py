@@ -63,10 +63,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
-    upload_limit = max(settings.max_body_bytes, settings.max_image_files * 8 * 1024 * 1024)
 
     def limit_for(path: str) -> int:
-        return upload_limit if path in UPLOAD_PATHS else settings.max_body_bytes
+        """The most bytes a request body may hold, as sent and once decompressed."""
+        return settings.max_upload_bytes if path in UPLOAD_PATHS else settings.max_body_bytes
 
     def outer(inner: ASGIApp) -> ASGIApp:
         served: ASGIApp = inner

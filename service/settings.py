@@ -31,7 +31,19 @@ class Settings(BaseSettings):
     max_image_files: int = Field(16, ge=1, description="most files in one image upload")
     max_image_pixels: int = Field(4_000_000, ge=784, description="decompression-bomb guard per image")
     max_header_bytes: int = Field(
-        32 * 1024, ge=1024, le=1024 * 1024, description="a request line and headers larger than this get 431"
+        32 * 1024, ge=1024, le=1024 * 1024,
+        description="a request line and headers (or a chunked body's trailers) larger than this get 431",
+    )  # fmt: skip
+    max_upload_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="larger image uploads get 413, as sent and once decompressed"
+    )
+    read_timeout: float = Field(
+        30.0, gt=0.0, le=3600.0,
+        description="seconds a request may go without sending a byte of its head or body: then 408, and the "
+        "connection closes (a connection that sends no request at all is closed after as long)",
+    )  # fmt: skip
+    max_connections: int = Field(
+        1000, ge=1, description="open connections past this get 503 + Retry-After, and are closed"
     )
 
     fast_path: bool = Field(

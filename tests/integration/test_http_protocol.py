@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 
+import httpx
 import pytest
 
 from tests.support import ServerProcess
@@ -80,6 +81,67 @@ def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_sent(ser
         interim = sock.recv(65536)
         assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
         sock.sendall(BODY)
+        [(head, body)] = read_responses(sock, 1)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert len(json.loads(body)["predictions"]) == 1
+
+
+def send_until_closed(sock: socket.socket, first: bytes, filler: bytes, most: int) -> int:
+    """Send `first`, then `filler` again and again until the server closes the connection or `most` bytes went;
+    returns how many bytes were sent."""
+    sock.sendall(first)
+    sent = len(first)
+    try:
+        while sent < most:
+            sock.sendall(filler)
+            sent += len(filler)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent
+
+
+def answer_after(sock: socket.socket) -> bytes:
+    """Whatever the server wrote before it closed the connection."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+CHUNKED = (
+    b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def chunked(body: bytes) -> bytes:
+    return f"{len(body):x}\r\n".encode() + body + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("case", "trailer_start", "filler"),
+    [
+        ("one endless trailer line", b"0\r\nX-Trailer: ", b"a" * 8192),
+        ("endless short trailer lines", b"0\r\n", b"X-T: v\r\n" * 1024),
+    ],
+)
+def test_trailers_are_bounded_by_the_head_limit(
+    server: ServerProcess, case: str, trailer_start: bytes, filler: bytes
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sent = send_until_closed(sock, CHUNKED + chunked(BODY) + trailer_start, filler, most=64 * 1024 * 1024)
+        answer = answer_after(sock)
+    assert sent < 4 * 1024 * 1024, f"{case}: the server kept reading trailers ({sent} bytes)"
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["code"] == "request_header_fields_too_large"
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_a_small_trailer_is_dropped_and_the_request_served(server: ServerProcess) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(CHUNKED + chunked(BODY[:100]) + chunked(BODY[100:]) + b"0\r\nX-Checksum: abc\r\n\r\n")
         [(head, body)] = read_responses(sock, 1)
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert len(json.loads(body)["predictions"]) == 1

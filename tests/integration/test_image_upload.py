@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -73,3 +75,33 @@ def test_upload_limits(server: ServerProcess) -> None:
     assert r.status_code in (415, 422) and "files" in r.json()["error"]
     r = httpx.post(f"{server.url}/v1/predict/image", content=b"{}", headers={"Content-Type": "application/json"})
     assert r.status_code == 415
+
+
+def gzip_bomb(prefix: bytes, inflated: int) -> bytes:
+    """`prefix` then zeros up to `inflated` bytes, gzip-compressed without ever holding them uncompressed."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    out = [packer.compress(prefix)]
+    for _ in range((inflated - len(prefix)) // len(zeros)):
+        out.append(packer.compress(zeros))
+    out.append(packer.flush())
+    return b"".join(out)
+
+
+def test_an_amplified_upload_is_refused_and_costs_the_server_little_memory(server: ServerProcess) -> None:
+    """About 1 MiB of gzip that inflates to 1 GiB of multipart body: 413 at the upload limit (32 MiB by default),
+    found while decompressing, and the server process's peak memory stays small."""
+    boundary = "bomb"
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+    body = gzip_bomb(part.encode(), 1 << 30)
+    assert len(body) < 2 << 20
+    r = httpx.post(
+        f"{server.url}/v1/predict/image", content=body, timeout=60,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Encoding": "gzip"},
+    )  # fmt: skip
+    assert r.status_code == 413 and "once decompressed" in r.json()["error"], r.text
+    assert server.proc is not None
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    peak_mb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+    assert peak_mb < 256, f"the server process peaked at {peak_mb:.0f} MB"
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
