@@ -40,6 +40,7 @@ class ModelConfig:
     drift_sample: float = 1.0  # the share of images the drift window sees under load (1: every image)
     call_timeout: float = 30.0  # a worker silent this long is taken for hung: killed, then replaced
     engine: EngineName = "onnxruntime"  # what runs the forward pass (service/inference/engine.py)
+    expect_sha256: str | None = None  # load only weights with this hash (a restarted worker: the served model)
 
 
 def map_pixels(path: str, slots: int, capacity: int, *, create: bool) -> tuple[mmap.mmap, np.ndarray]:

@@ -10,6 +10,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 logger = logging.getLogger("service.errors")
@@ -90,6 +91,8 @@ def error_for(exc: BaseException, where: str = "") -> Response:
     if isinstance(exc, StarletteHTTPException):
         code = _STATUS_CODES.get(exc.status_code, "error")
         return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+    if isinstance(exc, ClientDisconnect):  # nobody to answer; the request metrics count it as 499
+        return Response(status_code=499)
     if isinstance(exc, RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         loc = [p for p in first.get("loc", ()) if isinstance(p, str | int)]
@@ -104,7 +107,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def handler(request: Request, exc: Exception) -> Response:
         return error_for(exc, f"{request.method} {request.url.path}")
 
-    for kind in (ApiError, StarletteHTTPException, RequestValidationError, Exception):
+    # ClientDisconnect has its own entry: an `Exception` handler runs in Starlette's ServerErrorMiddleware, which
+    # re-raises after answering, and uvicorn would log a traceback for a client that merely went away.
+    for kind in (ApiError, StarletteHTTPException, RequestValidationError, ClientDisconnect, Exception):
         app.add_exception_handler(kind, handler)
 
 

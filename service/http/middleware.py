@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from abc import ABC, abstractmethod
@@ -13,6 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import ApiError, error_for
 from service.metrics import Metrics
+
+logger = logging.getLogger("service.http")
 
 
 class BodyTooLargeError(HTTPException):
@@ -184,6 +187,7 @@ async def read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before it could be answered
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
@@ -196,7 +200,14 @@ class MetricsMiddleware(HttpMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        status = 500  # if the app dies before answering, that is what the client sees
+        status = 0  # no answer yet
+        gone = False  # the client disconnected
+
+        async def receive_wrapper() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone |= message["type"] == "http.disconnect"
+            return message
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -206,9 +217,15 @@ class MetricsMiddleware(HttpMiddleware):
 
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         finally:
             self.metrics.in_flight.dec()
+            if not status:  # no answer: nobody to answer (nginx's 499), or the app died (what the client sees: 500)
+                status = CLIENT_CLOSED if gone else 500
+            if status == CLIENT_CLOSED:
+                logger.info(
+                    "%s %s: the client went away before its request was complete", scope["method"], scope["path"]
+                )
             route = _route_template(scope)
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"  # a client's word: bounded
             labels = (route, method, str(status))

@@ -148,8 +148,14 @@ def load_predictor(config: ModelConfig) -> Predictor:
     """Load, verify, self-test and warm up the model; raises ArtifactError (or ValueError, OSError)."""
     keep_model_heap_mapped()  # activations stay mapped between forward passes
     torch.set_num_threads(config.torch_threads)
+    artifact = load_artifact(Path(config.artifact_dir))
+    if config.expect_sha256 is not None and artifact.sha256 != config.expect_sha256:
+        raise ArtifactError(
+            f"the artifact on disk (weights sha256 {artifact.sha256[:12]}…) is not the served model "
+            f"({config.expect_sha256[:12]}…); reload it explicitly to serve it"
+        )
     predictor = Predictor(
-        load_artifact(Path(config.artifact_dir)),
+        artifact,
         drift_window=config.drift_window,
         top_channels=config.top_channels,
         drift_sample=config.drift_sample,

@@ -122,7 +122,8 @@ class ServingState:
             raise ApiError(504, "deadline_exceeded", str(exc)) from None
         return result
 
-    async def _start_model(self) -> ModelHandle:
+    async def _start_model(self, expect_sha256: str | None = None) -> ModelHandle:
+        """A new handle on the artifact; with `expect_sha256`, only if its weights are those (ModelLoadError else)."""
         s = self.settings
         if not (s.artifact_dir / META_FILE).is_file():  # fails at once, rather than in a worker seconds later
             raise ModelLoadError(f"no {META_FILE} in {s.artifact_dir}: is this an artifact directory?")
@@ -138,6 +139,7 @@ class ServingState:
             call_timeout=s.inference_timeout,
             slots=s.max_batches_in_flight,
             engine=s.engine,
+            expect_sha256=expect_sha256,
         )
         if s.inference_process:
             return await WorkerHandle.start(config, on_exit=self._worker_exited)
@@ -192,7 +194,8 @@ class ServingState:
                     async with self._reload_lock:
                         if self.model is not dead:  # a reload got there first
                             return
-                        self.model = await self._start_model()
+                        # the model that was serving, or none: a restart never switches models silently
+                        self.model = await self._start_model(expect_sha256=dead.sha256)
                     logger.info("inference worker replaced (attempt %d)", attempt)
                     await dead.close()
                     return

@@ -193,7 +193,7 @@ async def test_reloads_under_load_lose_nothing_and_switch_models_atomically(
 # A swap is picked up within one poll, then a new inference worker starts: it imports torch (3 s on an idle 2-core
 # VM), loads and warms the model. Under this test's load that took 5.1 s once (a CI run of a 5-s bound failed).
 # How fast is the benchmark's business; this bound only says the swap was seen, not left to a later event.
-RELOAD_SEEN_WITHIN = 15.0
+RELOAD_SEEN_WITHIN = 30.0
 
 
 async def wait_for_version(client: httpx.AsyncClient, version: str, timeout: float = RELOAD_SEEN_WITHIN) -> float:
@@ -251,3 +251,50 @@ async def test_file_watch_reloads_on_a_swap_and_refuses_a_corrupt_artifact(
     assert not load.failures, f"{len(load.failures)} failed requests: {load.failures[:5]}\n{logs[-3000:]}"
     assert logs.count("artifact changed on disk") == 3, logs[-3000:]
     check_answers(load, versions, [(0.0, seen_b, a), (published_b, seen_a, b), (published_a, float("inf"), a)])
+
+
+def test_file_watch_retries_a_copy_that_lands_model_json_before_the_weights(
+    versions: dict[str, Artifact], tmp_path: Path
+) -> None:
+    (a, art_a), (b, art_b) = versions.items()
+    live_dir = shutil.copytree(art_a.path, tmp_path / "current")
+    with ServerProcess(live_dir, reload_poll_seconds=0.1, access_log="false") as srv:
+        shutil.copy(art_b.path / "model.json", live_dir / "model.json")  # B's metadata over A's weights: refused
+        deadline = time.monotonic() + 30
+        while "reload refused" not in srv.logs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "reload refused" in srv.logs() and "hash mismatch" in srv.logs()
+        assert httpx.get(f"{srv.url}/readyz").json()["model"]["version"] == a
+        shutil.copy(art_b.path / WEIGHTS_FILE, live_dir / WEIGHTS_FILE)  # the weights land: retried, served
+        while time.monotonic() < deadline + 30:
+            if httpx.get(f"{srv.url}/readyz").json()["model"]["version"] == b:
+                break
+            time.sleep(0.1)
+        text = httpx.get(f"{srv.url}/metrics").text
+        assert metric(text, "bnserve_model_reloads_total", result="success") == 1, srv.logs()[-3000:]
+        assert metric(text, "bnserve_model_reloads_total", result="failure") == 1
+
+
+def test_a_restarted_worker_serves_the_served_model_or_refuses(versions: dict[str, Artifact], tmp_path: Path) -> None:
+    """Another artifact on disk (not reloaded) must not be picked up silently when the worker dies and restarts."""
+    (_, art_a), (b, art_b) = versions.items()
+    live_dir = shutil.copytree(art_a.path, tmp_path / "current")
+    with ServerProcess(live_dir, admin_token=ADMIN_TOKEN) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        publish(art_b.path, live_dir)  # no file watch: B is on disk, A is served
+        os.kill(worker_pid(srv), 9)
+        deadline = time.monotonic() + 30
+        while "not the served model" not in srv.logs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "not the served model" in srv.logs(), srv.logs()[-3000:]
+        r = c.post("/v1/predict", json={"instances": [[0.0] * 784]})
+        assert r.status_code == 503 and r.json()["code"] == "worker_restarting"
+        assert c.post("/v1/admin/reload", headers=AUTH).status_code == 200, "an explicit reload serves B"
+        r = c.post("/v1/predict", json={"instances": [[0.0] * 784]})
+        assert r.status_code == 200 and r.json()["model"]["version"] == b
+
+
+def worker_pid(srv: ServerProcess) -> int:
+    assert srv.proc is not None
+    children = " ".join(p.read_text() for p in Path(f"/proc/{srv.proc.pid}/task").glob("*/children"))
+    [pid] = [int(p) for p in children.split() if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return pid
