@@ -2,11 +2,15 @@
 
     python -m bench.soak [--artifact artifacts/mnist-bn] [--requests 100000] [--concurrency 32] [--out bench/results]
 
-The server is started here on a free loopback port with its default settings (drift monitoring on). The mix, drawn
-with a fixed seed: ≈80% valid JSON predictions of 1-8 real MNIST test images, ≈10% invalid requests of several
-kinds (each must get its own 4xx), ≈10% image uploads (an MNIST test digit as a PNG, upscaled 4× and inverted to
-dark ink on white). A bounded pool of async clients keeps `--concurrency` requests in flight. Targets: no 5xx, no
-dropped connection, and RSS growth after warm-up (the first 10% of requests) of at most 50 MB. Results go to
+The server is started here on a free loopback port with its default settings (drift monitoring on) and a read
+timeout of STALL_TIMEOUT s. The mix, drawn with a fixed seed: ≈74.5% valid JSON predictions of 1-8 real MNIST test
+images, ≈10% invalid requests of several kinds (each must get its own 4xx), ≈10% image uploads (an MNIST test digit
+as a PNG, upscaled 4× and inverted to dark ink on white), and over raw sockets ≈3% slow clients (a valid request
+sent in 8 pieces 50 ms apart: 200), ≈2% vanishing clients (half a body, then the connection closes: no answer, the
+server counts 499) and ≈0.5% stalled clients (half a body, then silence: 408 after the read timeout). A bounded pool
+of async clients keeps `--concurrency` requests in flight. Targets: no 5xx, no dropped connection, the server's
+499 count equal to the vanishing and stalled clients, and RSS growth after warm-up (the first 10% of requests) of
+at most 50 MB. Results go to
 soak.json, soak.md and soak_rss.png under --out; the exit status is 1 when a target is missed.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -36,10 +41,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import orjson
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.serve_bench import REPO, RESULTS, cpu_seconds, free_port, rss_mb, server_commands, wait_ready
 
 WARMUP_FRACTION = 0.1
+STALL_TIMEOUT = 2.0  # the server's BNSERVE_READ_TIMEOUT in the soak: stalled clients get their 408 this soon
+KINDS = {"valid": 0.745, "invalid": 0.1, "image": 0.1, "slow": 0.03, "vanishing": 0.02, "stalled": 0.005}
+RAW_KINDS = ("slow", "vanishing", "stalled")  # sent over a raw socket: what an HTTP client library cannot do
 RSS_GROWTH_TARGET_MB = 50.0
 BOUNDARY = "soak-boundary-7d1f"
 
@@ -110,7 +119,41 @@ def build_calls(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator
         ("no-files", "POST", "/v1/predict/image", f"--{BOUNDARY}--\r\n".encode(), form, 422),
     ]
     invalid = [Call("invalid", *spec) for spec in bad]
-    return {"valid": valid, "invalid": invalid, "image": uploads}
+    raw = {
+        kind: [Call(kind, kind, c.method, c.path, c.body, c.content_type, expect, c.labels) for c in valid[:32]]
+        for kind, expect in (("slow", 200), ("vanishing", 0), ("stalled", 408))
+    }
+    return {"valid": valid, "invalid": invalid, "image": uploads, **raw}
+
+
+async def raw_exchange(host: str, port: int, call: Call) -> int:
+    """A request over its own connection, sent the way a slow, vanishing or stalled client sends it; the answer's
+    status (0: none, the client went away first)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        head = (
+            f"{call.method} {call.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {call.content_type}\r\n"
+            f"Content-Length: {len(call.body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        request = head + call.body
+        if call.kind == "slow":
+            piece = len(request) // 8 + 1
+            for i in range(0, len(request), piece):
+                writer.write(request[i : i + piece])
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        else:  # vanishing or stalled: half of the body, then it closes, or says nothing more
+            writer.write(head + call.body[: len(call.body) // 2])
+            await writer.drain()
+            if call.kind == "vanishing":
+                return 0
+        status_line = await asyncio.wait_for(reader.readline(), STALL_TIMEOUT * 5 + 30)
+        await reader.read()  # the rest, until the server closes
+        return int(status_line.split()[1]) if status_line else 0
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 @dataclass
@@ -132,16 +175,22 @@ async def drive(url: str, schedule: list[Call], concurrency: int, tally: Tally) 
     next_index = iter(range(len(schedule)))
     step = max(1, len(schedule) // 10)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        host, port = url.removeprefix("http://").split(":")
 
         async def worker() -> None:
             for i in next_index:
                 call = schedule[i]
                 started = time.perf_counter()
+                content = b""
                 try:
-                    r = await client.request(
-                        call.method, call.path, content=call.body, headers={"Content-Type": call.content_type}
-                    )
-                except httpx.HTTPError as exc:
+                    if call.kind in RAW_KINDS:
+                        status = await raw_exchange(host, int(port), call)
+                    else:
+                        r = await client.request(
+                            call.method, call.path, content=call.body, headers={"Content-Type": call.content_type}
+                        )
+                        status, content = r.status_code, r.content
+                except (httpx.HTTPError, OSError, TimeoutError) as exc:
                     tally.errors[f"{type(exc).__name__} on {call.name}"] += 1
                     continue
                 finally:
@@ -149,11 +198,11 @@ async def drive(url: str, schedule: list[Call], concurrency: int, tally: Tally) 
                     if tally.done % step == 0:
                         print(f"  {tally.done:>7d} requests", flush=True)
                 tally.latencies[call.kind].append(time.perf_counter() - started)
-                tally.statuses[call.kind, r.status_code] += 1
-                if r.status_code != call.expect:
-                    tally.unexpected[call.name, r.status_code] += 1
-                elif call.labels:
-                    got = [p["label"] for p in orjson.loads(r.content)["predictions"]]
+                tally.statuses[call.kind, status] += 1
+                if status != call.expect:
+                    tally.unexpected[call.name, status] += 1
+                elif call.labels and content:
+                    got = [p["label"] for p in orjson.loads(content)["predictions"]]
                     tally.correct[call.kind] += sum(g == t for g, t in zip(got, call.labels, strict=True))
                     tally.images[call.kind] += len(call.labels)
 
@@ -246,7 +295,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         f"5xx: {s['server_errors_5xx']} (target 0); transport errors: {s['transport_errors'] or 0}; "
         f"answers other than the expected status: {s['unexpected_status'] or 0}; "
-        f"server exit status after SIGTERM: {meta['exit_code']}.",
+        f"server exit status after SIGTERM: {meta['exit_code']}. The server counted "
+        f"{meta['server_counted_499']:.0f} requests as 499 (client closed), for {meta['clients_gone']} clients that "
+        "went away (vanishing ones, and stalled ones it answered 408 and closed).",
         "",
         "| kind | p50 ms | p99 ms | top-1 accuracy |",
         "|---|---:|---:|---:|",
@@ -272,14 +323,17 @@ def main(argv: list[str] | None = None) -> int:
     mnist = load_mnist(default_cache_dir())
     rng = np.random.default_rng(a.seed)
     pools = build_calls(mnist.test_x, mnist.test_y, rng)
-    kinds = rng.choice(["valid", "invalid", "image"], size=a.requests, p=[0.8, 0.1, 0.1])
+    kinds = rng.choice(list(KINDS), size=a.requests, p=list(KINDS.values()))
     schedule = [pools[k][int(rng.integers(len(pools[k])))] for k in kinds]
     a.out.mkdir(parents=True, exist_ok=True)
 
     port = free_port()
     cmd, extra = server_commands(port)["bnserve"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNSERVE_")}
-    env.update(extra, BNSERVE_ARTIFACT_DIR=str(a.artifact.resolve()), PYTHONPATH=str(REPO))
+    env.update(
+        extra, BNSERVE_ARTIFACT_DIR=str(a.artifact.resolve()), BNSERVE_READ_TIMEOUT=str(STALL_TIMEOUT),
+        PYTHONPATH=str(REPO),
+    )  # fmt: skip
     log_path = a.out / "soak_server.log"
     url = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
@@ -296,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.monotonic() - started
             time.sleep(1.5)  # one more sample at rest
             server_cpu = cpu_seconds(proc.pid)
+            counted = httpx.get(f"{url}/metrics", timeout=30).text
+            client_closed = sum(
+                sample.value
+                for family in text_string_to_metric_families(counted)
+                for sample in family.samples
+                if sample.name == "bnserve_http_requests_total" and sample.labels.get("status") == "499"
+            )
         finally:
             stop.set()
             proc.send_signal(signal.SIGTERM)
@@ -308,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "concurrency": a.concurrency,
         "seconds": seconds, "artifact": str(a.artifact), "seed": a.seed, "exit_code": exit_code,
-        "server_cpu_seconds": server_cpu, "load_average": os.getloadavg(),
+        "server_cpu_seconds": server_cpu, "load_average": os.getloadavg(), "server_counted_499": client_closed,
+        "clients_gone": tally.statuses["vanishing", 0] + tally.statuses["stalled", 408],
     }  # fmt: skip
     md = markdown(summary, meta)
     (a.out / "soak.md").write_text(md)
@@ -328,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary["rss_growth_after_warmup_mb"] > RSS_GROWTH_TARGET_MB,
             ),
             ("non-zero exit after SIGTERM", exit_code != 0),
+            ("499s counted other than the clients that went away", client_closed != meta["clients_gone"]),
         ]
         if bad
     ]
