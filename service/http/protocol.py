@@ -1,11 +1,5 @@
-"""uvicorn's httptools protocol, with a limit on a request's head and one write per response.
-
-**One write per response.** uvicorn writes a response's head when the app sends `http.response.start` and its
-body at `http.response.body`: two `send` system calls and two TCP segments per response. Each request's cycle here
-writes through `_OneWrite`, which holds the head until the first body write and sends both as one (and the head
-alone if no body write comes: a HEAD request, a closed connection). Paired runs at c=32: 1.04× the throughput
-(bench/README.md); on loopback the one write costs the loop what the two did, so the gain is the client's one
-segment and wake-up, and on a real network one packet fewer per response.
+"""uvicorn's httptools protocol with the limits it lacks: a request's head and trailers, a read deadline, a
+connection cap.
 
 **A limit on a request's head** (request line and headers): 431 past it.
 
@@ -18,7 +12,17 @@ at 16 KiB; Node's and nginx's defaults are 16 and 32 KiB.) Two checks:
 - a head still incomplete after a read from the socket counts every byte read since it began (less the read it
   began in, if a request ended in that one), so the memory held for a head stays under the limit plus two reads.
 
-The answer follows the service's one error shape, and the connection closes: the rest of the head is never read.
+**Trailers** (after a chunked body) go through the same header callbacks: they count against the same limit, as
+do the bytes of reads that carry no body (chunk framing, a trailer line that never ends), and they are dropped.
+
+**A read deadline**: a request that sends no byte of its head or body for `read_timeout` seconds gets 408 (its app,
+if it began, sees the client go away), and a connection that never sends a request is closed; what either buffered
+is freed. uvicorn has no such deadline.
+
+**A connection cap**: past `max_connections`, a request gets 503 with Retry-After, in the error shape (uvicorn's
+`limit_concurrency` answers in plain text).
+
+Every answer follows the service's one error shape, and the connection closes: the rest is never read.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 
 import orjson
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 HEADER_OVERHEAD = 4  # ": " and CRLF around each header's name and value
 
@@ -125,22 +129,10 @@ class ServingHttpProtocol(HttpToolsProtocol):
         if over_capacity:  # uvicorn's own limit answers in plain text; this one in the service's error shape
             self.logger.warning("over %d connections: 503", self.max_connections)
             self.app = _over_capacity(self.max_connections)
-        before = self.cycle
         try:
             super().on_headers_complete()
         finally:
             self.app = app
-        cycle = self.cycle
-        if cycle is not None and cycle is not before:  # a request (not a WebSocket upgrade): its answer, one write
-            one_write = _OneWrite(self.transport, cycle)
-            cycle.transport = one_write  # type: ignore[assignment]  # what a cycle uses of a transport, it has
-            on_response = cycle.on_response
-
-            def flush_then_on_response() -> None:
-                one_write.flush()
-                on_response()
-
-            cycle.on_response = flush_then_on_response
 
     def on_body(self, body: bytes) -> None:
         self._body_seen = True
@@ -231,37 +223,3 @@ def _over_capacity(limit: int) -> Callable[[Scope, Receive, Send], Awaitable[Non
         await send({"type": "http.response.body", "body": body})
 
     return answer
-
-
-class _OneWrite:
-    """A request cycle's transport: the first write after the response has started (its head) waits for the next
-    one, and both go out together. `flush` (the response is complete) and `close` write what is held. Writes before
-    the response starts (`100 Continue`) and after the first body write pass straight through."""
-
-    __slots__ = ("_cycle", "_head", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
-        self._transport = transport
-        self._cycle = cycle
-        self._head: bytes | None = b""  # b"": not come yet; bytes: waiting; None: gone out
-
-    def write(self, data: bytes) -> None:
-        head = self._head
-        if head:
-            data, self._head = head + data, None
-        elif head is not None and self._cycle.response_started and not self._cycle.response_complete:
-            self._head = data  # the response's head (never empty: it holds the status line)
-            return
-        self._transport.write(data)
-
-    def flush(self) -> None:
-        head, self._head = self._head, None
-        if head:
-            self._transport.write(head)
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, ...: the transport's own
-        return getattr(self._transport, name)
