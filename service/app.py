@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp
 
 from service.api import health, v1, v2
 from service.api.errors import install_error_handlers
@@ -52,7 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
             await state.batcher.stop()  # finishes every accepted request first
             await state.close()
 
-    app = BnserveApp(
+    app = FastAPI(
         title="bnserve",
         summary="MNIST predictions with per-layer BatchNorm drift monitoring",
         version="0.1.0",
@@ -68,25 +67,11 @@ def create_app(settings: Settings) -> FastAPI:
         """The most bytes a request body may hold, as sent and once decompressed."""
         return settings.max_upload_bytes if path in UPLOAD_PATHS else settings.max_body_bytes
 
-    def outer(inner: ASGIApp) -> ASGIApp:
-        served: ASGIApp = inner
-        if settings.fast_path:
-            served = PredictFastPath(inner, route=v1.predict_route, state=lambda: app.state.serving)
-        decoded = ContentEncodingMiddleware(served, limit_for=limit_for)
-        return MetricsMiddleware(BodyLimitMiddleware(decoded, limit_for=limit_for), metrics=metrics)
-
-    app.wrap_middleware_stack = outer
+    # the last added is the outermost: metrics see every request, then the body limit, then gzip decoding, then
+    # the fast path answers POST /v1/predict before FastAPI's routing
+    if settings.fast_path:
+        app.add_middleware(PredictFastPath, route=v1.predict_route, state=lambda: app.state.serving)
+    app.add_middleware(ContentEncodingMiddleware, limit_for=limit_for)
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
-
-
-class BnserveApp(FastAPI):
-    """FastAPI with bnserve's own middleware outside FastAPI's: request metrics and the body limit see every
-    request, and the fast path answers POST /v1/predict before FastAPI's error, telemetry and body-limit layers
-    (a py-spy profile put ~5 % of the event loop's time per prediction in those, bench/README.md). Errors inside
-    FastAPI are still turned into responses by FastAPI; the fast path handles its own."""
-
-    wrap_middleware_stack: Callable[[ASGIApp], ASGIApp] | None = None
-
-    def build_middleware_stack(self) -> ASGIApp:
-        stack = super().build_middleware_stack()
-        return self.wrap_middleware_stack(stack) if self.wrap_middleware_stack else stack

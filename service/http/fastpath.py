@@ -2,13 +2,13 @@
 
 At 32 concurrent clients the event loop is the bottleneck, and a py-spy profile put more than half of its time per
 prediction outside the endpoint: route matching, dependency solving, the exception and exit-stack layers, each with
-its own `send` wrapper (bench/README.md). This middleware answers the one hot route itself, with the same code as
+its own `send` wrapper (bench/HISTORY.md). This middleware answers the one hot route itself, with the same code as
 the FastAPI route (`answer_predict`), the same checks in the same order, and the same error bodies; the route stays
 registered for OpenAPI and serves the requests when `fast_path` is off. `tests/integration/test_fast_path.py`
 checks that both answer byte for byte alike.
 
-It sits inside the metrics and body-limit middleware, so those apply unchanged, and outside everything of
-FastAPI's (see `service.app.BnserveApp`).
+It sits inside the metrics, body-limit and content-coding middleware, so those apply unchanged, and before
+FastAPI's routing (service/app.py).
 """
 
 from __future__ import annotations

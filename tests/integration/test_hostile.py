@@ -30,7 +30,7 @@ JSON = {"Content-Type": "application/json"}
 ROW = [0.5] * 784
 MAX_INSTANCES = 64  # the server's default settings
 MAX_BODY = 4 * 1024 * 1024
-UPLOAD_LIMIT = 16 * 8 * 1024 * 1024
+UPLOAD_LIMIT = 32 * 1024 * 1024  # the server's default BNSERVE_MAX_UPLOAD_BYTES
 
 
 def assert_error(r: httpx.Response, status: int, *fragments: str, code: str | None = None) -> dict[str, Any]:
